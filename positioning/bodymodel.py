@@ -45,7 +45,8 @@ class BodyModelData:
     faces: np.ndarray  # (F, 3) int
     landmark_vertex_ids: dict[str, int]
     source: str
-    train_betas: np.ndarray | None  # (N, K) betas of the bodies the model was built from
+    # Arrays about the bodies the model was built from ("betas", "age_years", "bmi", ...), each (N, ...).
+    train: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,8 @@ def read_body_model(path: Path) -> BodyModelData:
     missing = [n for n in VERTEX_LANDMARKS if n not in lm]
     if missing:
         raise BodyModelError(f"{path}: landmark vertex ids missing for {', '.join(missing)}")
-    tb = arrays.get("train_betas")
-    return BodyModelData(vt, sd, pd, jr, w, f, lm, str(path), None if tb is None else np.asarray(tb, np.float32))
+    train = {k[len("train_"):]: np.asarray(a) for k, a in arrays.items() if k.startswith("train_")}
+    return BodyModelData(vt, sd, pd, jr, w, f, lm, str(path), train)
 
 
 def resolve_model_path(path: str | Path | None = None) -> Path:

