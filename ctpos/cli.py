@@ -1,0 +1,52 @@
+"""``ctpos``: one console command; each package owns its subcommand (``<package>.cli.register``).
+
+The dispatcher imports a package only when its subcommand runs, so start-up stays
+fast. A subcommand's typed errors end the process with a one-line reason and a
+non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module that registers it (module.register(subparsers) -> None)
+SUBCOMMANDS = {
+    "sim": "sim.cli",
+    "demo": "sim.demo",
+}
+
+
+class UserError(Exception):
+    """Base for errors that end a command with a one-line reason (exit 2)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="ctpos", description="Contactless CT acquisition and patient positioning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen subcommand's module is imported; the others get a stub entry for --help.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module in SUBCOMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=f"(see ctpos {name} --help)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("ctpos: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every typed error of ours carries a one-line reason
+        if type(exc).__module__.split(".")[0] in {"ctpos", "positioning", "sim", "calibration", "scanner_bridge"} \
+                or isinstance(exc, (OSError, UserError)):
+            print(f"ctpos {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise

@@ -1,0 +1,36 @@
+"""Frame conversions of CONVENTIONS.md: camera C, scanner S, table T. Pure; millimetres."""
+from __future__ import annotations
+
+import numpy as np
+
+from positioning.capture import CameraIntrinsics
+
+
+def table_to_scanner(p_t: np.ndarray, table_height_mm: float, table_longitudinal_mm: float) -> np.ndarray:
+    """(..., 3) points in T -> S at the given table state: p_S = p_T + (0, long, -height)."""
+    return np.asarray(p_t, float) + np.array([0.0, table_longitudinal_mm, -table_height_mm])
+
+
+def scanner_to_table(p_s: np.ndarray, table_height_mm: float, table_longitudinal_mm: float) -> np.ndarray:
+    """(..., 3) points in S -> T at the given table state."""
+    return np.asarray(p_s, float) - np.array([0.0, table_longitudinal_mm, -table_height_mm])
+
+
+def transform(points: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 rigid transform to (..., 3) points."""
+    return np.asarray(points, float) @ m[:3, :3].T + m[:3, 3]
+
+
+def depth_to_points(depth_mm: np.ndarray, cam: CameraIntrinsics) -> np.ndarray:
+    """(H, W) z-depth mm -> (H, W, 3) points in C, mm (zeros where depth is 0)."""
+    h, w = depth_mm.shape
+    u, v = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    z = depth_mm.astype(np.float32)
+    return np.stack([(u - cam.cx) / cam.fx * z, (v - cam.cy) / cam.fy * z, z], -1)
+
+
+def project(points_s: np.ndarray, camera_to_scanner: np.ndarray, cam: CameraIntrinsics) -> np.ndarray:
+    """(..., 3) points in S -> (..., 2) pixel coordinates (u, v); NaN behind the camera."""
+    p = transform(points_s, np.linalg.inv(camera_to_scanner))
+    z = np.where(p[..., 2] > 1e-6, p[..., 2], np.nan)
+    return np.stack([cam.fx * p[..., 0] / z + cam.cx, cam.fy * p[..., 1] / z + cam.cy], -1)
