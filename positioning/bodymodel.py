@@ -72,11 +72,7 @@ class BodyModel:
 def _need(arrays, name: str, path: Path) -> np.ndarray:
     if name not in arrays:
         raise BodyModelError(f"{path}: not an SMPL-layout model, '{name}' is missing")
-    a = arrays[name]
-    if a.dtype == object:  # scipy sparse matrices pickled inside the npz
-        a = a.item()
-        a = a.toarray() if hasattr(a, "toarray") else np.asarray(a)
-    return np.asarray(a)
+    return np.asarray(arrays[name])
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,7 +82,8 @@ def read_body_model(path: Path) -> BodyModelData:
     if not path.is_file():
         raise BodyModelError(f"{path}: body model file not found")
     try:
-        arrays = dict(np.load(path, allow_pickle=True))
+        # No pickles: a model file must not be able to run code.
+        arrays = dict(np.load(path, allow_pickle=False))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BodyModelError(f"{path}: not a readable .npz body model ({exc.__class__.__name__})") from None
     vt = _need(arrays, "v_template", path).astype(np.float32)

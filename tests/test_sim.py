@@ -1,0 +1,114 @@
+"""The simulator: determinism, geometry of the scene, ground truth and the depth noise model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from positioning.capture import read_capture, read_truth
+from positioning.frames import depth_to_points, project, transform
+from sim import render
+from sim.room import box
+from sim.scene import SceneConfigError, load_config, sample_scene
+from sim.simulate import PROTOCOLS, simulate
+
+
+def test_same_seed_same_capture(body_model):
+    cfg = load_config(None)
+    a = simulate(sample_scene(42, cfg, body_model.data.train["betas"]), body_model)
+    b = simulate(sample_scene(42, cfg, body_model.data.train["betas"]), body_model)
+    c = simulate(sample_scene(43, cfg, body_model.data.train["betas"]), body_model)
+    assert (a[0].depth == b[0].depth).all() and (a[0].color == b[0].color).all() and a[1] == b[1]
+    assert not (a[0].depth == c[0].depth).all()
+
+
+def test_truth_holds_every_protocol_and_landmark(sim_cases):
+    for case in sim_cases:
+        t = read_truth(case)
+        head_dir = 1 if t["patient_position"].startswith("H") else -1
+        for name in PROTOCOLS:
+            p = t["protocols"][name]
+            assert (p["cranial_y_mm"] - p["caudal_y_mm"]) * head_dir > 50, name
+            assert p["ideal_table_height_mm"] is not None
+        for lm in ("vertex", "neck", "shoulder_left", "shoulder_right", "hip_left", "hip_right", "knee_left",
+                   "knee_right", "ankle_left", "ankle_right"):
+            assert len(t["landmarks_scanner_mm"][lm]) == 3
+        chest = t["protocols"]["chest"]
+        assert 180 < abs(chest["cranial_y_mm"] - chest["caudal_y_mm"]) < 330  # adult lungs are 20-30 cm
+
+
+def test_patient_left_is_where_the_position_code_says(sim_cases):
+    """HFS: patient's left at +x_S; FFP (prone, feet first): also +x_S (both flips cancel)."""
+    for case in sim_cases:
+        t = read_truth(case)
+        lm = t["landmarks_scanner_mm"]
+        dx = lm["shoulder_left"][0] - lm["shoulder_right"][0]
+        expect = {"HFS": 1, "FFS": -1, "HFP": -1, "FFP": 1}[t["patient_position"]]
+        assert np.sign(dx) == expect
+        head_dir = 1 if t["patient_position"].startswith("H") else -1
+        assert (lm["vertex"][1] - lm["ankle_left"][1]) * head_dir > 1000
+
+
+def test_body_rests_on_the_mattress_and_the_camera_sees_it(sim_cases):
+    for case in sim_cases:
+        cap, t = read_capture(case), read_truth(case)
+        s = t["scene"]
+        mattress_top = s["mattress_mm"] - t["table_height_mm"]
+        # The lowest truth joint is above the mattress; the body's back lies on it (within noise below).
+        assert min(p[2] for p in t["joints_scanner_mm"].values()) > mattress_top
+        pts = transform(depth_to_points(cap.depth_mm(), cap.camera), cap.scene.camera_to_scanner)
+        valid = cap.depth > 0
+        # Measured points at the pelvis truth pixel lie near the body surface above the pelvis joint.
+        uv = project(np.array(t["joints_scanner_mm"]["spine2"]), cap.scene.camera_to_scanner, cap.camera)
+        u, v = np.round(uv).astype(int)
+        win = valid[v - 3:v + 4, u - 3:u + 4]
+        top = pts[v - 3:v + 4, u - 3:u + 4][win][:, 2]
+        assert win.any()
+        assert 30 < np.median(top) - t["joints_scanner_mm"]["spine2"][2] < 250
+
+
+def test_depth_noise_grows_with_distance_squared():
+    """A flat floor seen at 1 m and 2 m: the per-pixel noise sd should scale by about 4."""
+    rng = np.random.default_rng(0)
+    k = np.array([[430.0, 0, 424], [0, 430, 240], [0, 0, 1]])
+    sds = []
+    for z in (1000.0, 2000.0):
+        cam = np.eye(4)
+        cam[:3, :3] = np.diag([1.0, -1.0, -1.0])  # looking straight down
+        cam[2, 3] = z
+        ideal = render.raycast([box([-5000, -5000, -10], [5000, 5000, 0], "floor")], k, cam, 848, 480)
+        d = render.add_depth_noise(ideal.depth, 430.0, 0.08, 0.0, 0.0, rng).astype(float)
+        patch = d[200:280, 380:460]
+        patch = patch[patch > 0]
+        sds.append(patch.std())
+        assert abs(np.median(patch) - z) < 0.01 * z
+    assert 2.5 < sds[1] / sds[0] < 6.0
+
+
+def test_stereo_shadow_beside_near_edges():
+    z = np.full((20, 200), 2000.0)
+    z[:, 100:] = 1000.0  # a near object on the right half
+    occ = render.stereo_shadow(z, 430.0)
+    assert occ[:, 80:100].all()  # background just left of the edge is hidden from the right imager
+    assert not occ[:, :50].any() and not occ[:, 100:].any()
+
+
+def test_config_fixes_and_ranges_parameters(tmp_path, body_model):
+    f = tmp_path / "c.toml"
+    f.write_text('patient_position = "FFP"\npose = ["arms_up"]\ntable_height_mm = [300.0, 310.0]\nblanket = true\n')
+    cfg = load_config(f)
+    for s in range(5):
+        p = sample_scene(s, cfg, body_model.data.train["betas"])
+        assert p.patient_position == "FFP" and p.pose == "arms_up" and p.blanket
+        assert 300 <= p.table_height_mm <= 310
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("tabel_height_mm = 3", "unknown scene parameter"),
+    ("pose = 'cartwheel'", "pose must be among"),
+    ("this is = not toml =", "not valid TOML"),
+])
+def test_bad_config_refused(tmp_path, text, expect):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(SceneConfigError, match=expect):
+        load_config(f)
