@@ -18,12 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@echo "[setup] pip: torch (CPU) first, then ctpos"
-	@$(PIP) install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
+	@echo "[setup] pip: torch (CPU) first, then ctpos (log: $(VENV)/pip.log)"
 	@# torch before anything that depends on it: a bare 'torch' would pull CUDA builds.
-	@$(PIP) install -q torch==2.13.0 2>&1 | grep -v '^WARNING' || true
-	@$(PIP) install -q -e '.[test]' 2>&1 | grep -v '^WARNING' || true
-	@$(PY) -c "import torch, smplx, open3d, cv2, pyrealsense2, zmq, PySide6" 
+	@{ $(PIP) install -q --upgrade pip && $(PIP) install -q torch==2.13.0 && $(PIP) install -q -e '.[test]'; } \
+	  > $(VENV)/pip.log 2>&1 || { tail -30 $(VENV)/pip.log; exit 1; }
+	@$(PY) -c "import torch, smplx, open3d, cv2, pyrealsense2, zmq, PySide6, anny"
 	@touch $(STAMP)
 
 test: setup
