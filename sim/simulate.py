@@ -33,24 +33,42 @@ class SimCamera:
     camera_to_scanner: np.ndarray
 
 
-def make_camera(p: SceneParams) -> SimCamera:
-    """A ceiling camera looking down at the table: image x runs along the table (+y_S), tilted and rolled."""
-    t = math.radians(p.camera_tilt_deg)
-    target = np.array([0.0, p.table_longitudinal_mm + p.camera_target_y_mm, -p.table_height_mm])
-    pos = target + np.array([p.camera_lateral_mm, -p.camera_height_mm * math.tan(t), p.camera_height_mm])
+def camera_pose(height_mm: float, tilt_deg: float, roll_deg: float, lateral_mm: float, target_y_t: float,
+                table_height_mm: float, table_longitudinal_mm: float) -> np.ndarray:
+    """(4, 4) camera_to_scanner of a ceiling camera looking down at the table.
+
+    Image x runs along the table (+y_S); the optical axis meets the tabletop's centre
+    line at y_T = target_y_t, tilted towards the gantry by tilt_deg, then rolled.
+    """
+    t = math.radians(tilt_deg)
+    target = np.array([0.0, table_longitudinal_mm + target_y_t, -table_height_mm])
+    pos = target + np.array([lateral_mm, -height_mm * math.tan(t), height_mm])
     z_c = np.array([0.0, math.sin(t), -math.cos(t)])
     x_c = np.array([0.0, 1.0, 0.0]) - z_c[1] * z_c
     x_c /= np.linalg.norm(x_c)
     y_c = np.cross(z_c, x_c)
-    r = math.radians(p.camera_roll_deg)
+    r = math.radians(roll_deg)
     x_c, y_c = math.cos(r) * x_c + math.sin(r) * y_c, -math.sin(r) * x_c + math.cos(r) * y_c
     m = np.eye(4)
     m[:3, :3] = np.column_stack([x_c, y_c, z_c])
     m[:3, 3] = pos
-    fy = p.fx * 1.002
-    cx, cy = WIDTH / 2 - 0.5 + p.principal_offset_px, HEIGHT / 2 - 0.5 - 0.7 * p.principal_offset_px
-    intr = CameraIntrinsics(WIDTH, HEIGHT, float(p.fx), float(fy), float(cx), float(cy), 0.001)
-    return SimCamera(intr, np.array([[p.fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), m)
+    return m
+
+
+def d455_intrinsics(fx: float, principal_offset_px: float) -> tuple[CameraIntrinsics, np.ndarray]:
+    """D455-like depth intrinsics at 848x480 and their 3x3 matrix."""
+    fy = fx * 1.002
+    cx, cy = WIDTH / 2 - 0.5 + principal_offset_px, HEIGHT / 2 - 0.5 - 0.7 * principal_offset_px
+    intr = CameraIntrinsics(WIDTH, HEIGHT, float(fx), float(fy), float(cx), float(cy), 0.001)
+    return intr, np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+
+
+def make_camera(p: SceneParams) -> SimCamera:
+    """The scene's simulated RealSense: intrinsics and mount."""
+    intr, k = d455_intrinsics(p.fx, p.principal_offset_px)
+    m = camera_pose(p.camera_height_mm, p.camera_tilt_deg, p.camera_roll_deg, p.camera_lateral_mm,
+                    p.camera_target_y_mm, p.table_height_mm, p.table_longitudinal_mm)
+    return SimCamera(intr, k, m)
 
 
 def heightmap(meshes: list[Mesh], xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
