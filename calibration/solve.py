@@ -40,7 +40,10 @@ class Thresholds:
 
     reprojection_rms_px: float = 0.6
     plane_rms_mm: float = 12.0
-    displacement_rms_mm: float = 1.5
+    # Per-view table displacement against the readings. Vertical is looser: one view fixes
+    # its distance only through the board's scale in the image (measured: docs/calibration.md).
+    displacement_horizontal_rms_mm: float = 2.0
+    displacement_vertical_rms_mm: float = 6.0
     orthogonality_deg: float = 0.5
 
 
@@ -206,7 +209,7 @@ def board_off_table(capture: Capture, board_to_camera: np.ndarray, spec: BoardSp
     return False
 
 
-def _board_to_table(spec: BoardSpec, yaw_rad: float) -> np.ndarray:
+def board_in_jig(spec: BoardSpec, yaw_rad: float) -> np.ndarray:
     """Pose of B in T with the board rotated by yaw about the jig's vertical axis through its centre."""
     import cv2
 
@@ -229,7 +232,7 @@ def _pack(x: np.ndarray) -> tuple[np.ndarray, float]:
 def _residuals(x: np.ndarray, views: list[BoardView], spec: BoardSpec, k: np.ndarray) -> np.ndarray:
     """Stacked corner reprojection residuals (px) of all views."""
     s_to_c, yaw = _pack(x)  # parameters are X⁻¹ (scanner -> camera), better conditioned for projection
-    b_t = _board_to_table(spec, yaw)
+    b_t = board_in_jig(spec, yaw)
     corners_b = spec.corner_points()
     out = []
     for v in views:
@@ -260,16 +263,40 @@ def _check_coverage(views: list[BoardView]) -> None:
             f"and two heights (>= 30 mm apart)")
 
 
-def motion_axes(views: list[BoardView]) -> tuple[np.ndarray, np.ndarray]:
-    """Unit directions (in C) in which the board moves per mm of longitudinal travel and per mm of lowering.
+def motion_axes(positions_c: np.ndarray, views: list[BoardView]) -> tuple[np.ndarray, np.ndarray]:
+    """Directions (in C) in which the board moves per mm of longitudinal travel and per mm of lowering.
 
-    Linear least squares over all views: origin_i = c + l_i * u - h_i * w.
+    positions_c: (N, 3) the board origin in C per view. Linear least squares:
+    position_i = c + l_i * u - h_i * w.
     """
-    o = np.array([v.board_to_camera[:3, 3] for v in views])
     a = np.column_stack([np.ones(len(views)), [v.table_longitudinal_mm for v in views],
                          [-v.table_height_mm for v in views]])
-    coef, *_ = np.linalg.lstsq(a, o, rcond=None)
+    coef, *_ = np.linalg.lstsq(a, positions_c, rcond=None)
     return coef[1], coef[2]
+
+
+def view_offsets(s_to_c: np.ndarray, yaw: float, views: list[BoardView], spec: BoardSpec,
+                 k: np.ndarray) -> np.ndarray:
+    """(N, 3) mm: per view, the shift of the board in S that best explains its corners with X held fixed.
+
+    What each view says about where the table really was, against its reading. With
+    the rotation fixed this is far better conditioned than a free PnP pose per view.
+    """
+    from scipy.optimize import least_squares
+
+    b_t = board_in_jig(spec, yaw)
+    corners_b = spec.corner_points()
+    out = []
+    for v in views:
+        base = table_pose(v.table_height_mm, v.table_longitudinal_mm) @ b_t
+        pts_s = transform(corners_b[v.ids], base)
+
+        def res(d, pts_s=pts_s, v=v):
+            pc = transform(pts_s + d, s_to_c)
+            return ((pc @ k.T)[:, :2] / pc[:, 2:3] - v.corners_px).ravel()
+
+        out.append(least_squares(res, np.zeros(3)).x)
+    return np.array(out)
 
 
 def solve(views: list[BoardView], spec: BoardSpec, cam: CameraIntrinsics,
@@ -281,12 +308,12 @@ def solve(views: list[BoardView], spec: BoardSpec, cam: CameraIntrinsics,
         raise CalibrationError("no views in the session")
     usable = [v for v in views if v.problem is None]
     rejected = {v.name: v.problem for v in views if v.problem is not None}
-    if not usable:
-        reasons = sorted(set(rejected.values()))
-        raise CalibrationError(f"no usable view: {'; '.join(reasons)}")
     off = [n for n, p in rejected.items() if p == "board extends beyond the tabletop"]
     if off:
         raise CalibrationError(f"board extends beyond the tabletop in {', '.join(off)}: place it in its jig")
+    if not usable:
+        reasons = sorted(set(rejected.values()))
+        raise CalibrationError(f"board never seen: {'; '.join(reasons)} in all {len(views)} views")
     _check_coverage(usable)
     k = camera_matrix(cam)
     x = _initial(usable, spec)
@@ -295,7 +322,7 @@ def solve(views: list[BoardView], spec: BoardSpec, cam: CameraIntrinsics,
         x = res.x
         per_view = _per_view_rms(x, usable, spec, k)
         med = float(np.median(list(per_view.values())))
-        bad = {n: r for n, r in per_view.items() if r > max(4.0 * med, 1.5)}
+        bad = {n: r for n, r in per_view.items() if r > max(4.0 * med, 0.6)}
         if not bad:
             break
         for n, r in bad.items():
@@ -329,18 +356,21 @@ def quality_report(cam_to_s: np.ndarray, yaw: float, views: list[BoardView], spe
     r = _residuals(x, views, spec, k).reshape(-1, 2)
     reproj = float(np.sqrt(np.mean(np.sum(r ** 2, 1))))
     plane_rms = float(np.sqrt(np.nanmean([v.plane_rms_mm ** 2 for v in views])))
-    # Measured board displacement between views (PnP, mapped to S) against the readings.
-    b_s = np.array([transform(v.board_to_camera[:3, 3], cam_to_s) for v in views])
-    pred = np.array([[0.0, v.table_longitudinal_mm, -v.table_height_mm] for v in views])
-    d_meas, d_pred = b_s - b_s[0], pred - pred[0]
-    disp = np.linalg.norm(d_meas - d_pred, axis=1)[1:]
-    u, w = motion_axes(views)
+    # Where each view says the table was, against its reading (mm, S).
+    offsets = view_offsets(s_to_c, yaw, views, spec, k)
+    dev = offsets - offsets.mean(0)
+    horiz, vert = np.linalg.norm(dev[:, :2], axis=1), np.abs(dev[:, 2])
+    origin_s = np.array([transform(np.zeros(3), table_pose(v.table_height_mm, v.table_longitudinal_mm)
+                                   @ board_in_jig(spec, yaw)) for v in views])
+    u, w = motion_axes(transform(origin_s + offsets, s_to_c), views)
     ortho = float(np.degrees(np.arccos(np.clip(u @ w / np.linalg.norm(u) / np.linalg.norm(w), -1, 1))))
     figures = {
         "reprojection_rms_px": reproj,
         "plane_rms_mm": plane_rms,
-        "displacement_rms_mm": float(np.sqrt(np.mean(disp ** 2))) if len(disp) else 0.0,
-        "displacement_max_mm": float(disp.max()) if len(disp) else 0.0,
+        "displacement_horizontal_rms_mm": float(np.sqrt(np.mean(horiz ** 2))),
+        "displacement_horizontal_max_mm": float(horiz.max()),
+        "displacement_vertical_rms_mm": float(np.sqrt(np.mean(vert ** 2))),
+        "displacement_vertical_max_mm": float(vert.max()),
         "axis_orthogonality_deg": ortho,
         "motion_scale_longitudinal": float(np.linalg.norm(u)),
         "motion_scale_height": float(np.linalg.norm(w)),
@@ -353,8 +383,10 @@ def quality_report(cam_to_s: np.ndarray, yaw: float, views: list[BoardView], spe
         fails.append(f"reprojection RMS {reproj:.2f} px > {th.reprojection_rms_px} px")
     if plane_rms > th.plane_rms_mm:
         fails.append(f"tabletop plane RMS {plane_rms:.1f} mm > {th.plane_rms_mm} mm")
-    if figures["displacement_rms_mm"] > th.displacement_rms_mm:
-        fails.append(f"table displacement RMS {figures['displacement_rms_mm']:.2f} mm > {th.displacement_rms_mm} mm")
+    for axis in ("horizontal", "vertical"):
+        v, lim = figures[f"displacement_{axis}_rms_mm"], getattr(th, f"displacement_{axis}_rms_mm")
+        if v > lim:
+            fails.append(f"{axis} table displacement RMS {v:.2f} mm > {lim} mm: readings and images disagree")
     if abs(ortho - 90.0) > th.orthogonality_deg:
         fails.append(f"table axes {ortho:.2f} deg apart, not 90 +- {th.orthogonality_deg}")
     figures["thresholds"] = {k2: getattr(th, k2) for k2 in th.__dataclass_fields__}

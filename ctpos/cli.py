@@ -14,6 +14,7 @@ import sys
 # subcommand -> module that registers it (module.register(subparsers) -> None)
 SUBCOMMANDS = {
     "sim": "sim.cli",
+    "calibrate": "calibration.cli",
     "demo": "sim.demo",
 }
 

@@ -46,6 +46,24 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sim.calibration import sample_calibration, write_session
+
+    scene = sample_calibration(args.seed, n_long=args.longitudinal, n_height=args.heights)
+    if args.no_board:
+        scene = dataclasses.replace(scene, board=False)
+    if args.board_off_table:
+        # Half the board's width over the tabletop's edge.
+        scene = dataclasses.replace(scene, board_offset_t_mm=(260.0, 0.0, 0.0))
+    if args.bad_reading is not None:
+        scene = dataclasses.replace(scene, bad_reading=(int(args.bad_reading[0]), args.bad_reading[1]))
+    write_session(Path(args.out), scene)
+    print(f"wrote a calibration session of {len(scene.table_positions)} views to {args.out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sim", help="simulate RGB-D captures of patients on the CT table")
     s = p.add_subparsers(dest="sim_command", metavar="WHAT", required=True)
@@ -55,3 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0, help="random seed (same seed, same captures)")
     c.add_argument("--config", help="TOML file fixing or ranging scene parameters (docs/simulator.md)")
     c.set_defaults(func=_capture)
+    k = s.add_parser("calibration", help="write a calibration session: the board at several table positions")
+    k.add_argument("--out", required=True)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--longitudinal", type=int, default=5, help="number of longitudinal table positions")
+    k.add_argument("--heights", type=int, default=3, help="number of table heights")
+    k.add_argument("--no-board", action="store_true", help="leave the board out (a refused session)")
+    k.add_argument("--board-off-table", action="store_true", help="board half over the table edge (refused)")
+    k.add_argument("--bad-reading", nargs=2, type=float, metavar=("VIEW", "MM"),
+                   help="add MM to the recorded table height of view VIEW (refused or rejected)")
+    k.set_defaults(func=_calibration)
