@@ -100,7 +100,7 @@ def test_one_wrong_reading_is_rejected_and_the_rest_solve(tmp_path):
 
 def test_inconsistent_readings_refused(tmp_path):
     """Half the views recorded with heights 40 mm off: no view stands out, the quality check refuses it
-    (calibrate() then saves nothing, see test_cli_end_to_end for the exit code)."""
+    (calibrate() then saves nothing and exits 1)."""
     views, board, cam = _views(sample_calibration(6), tmp_path)
     views = [dataclasses.replace(v, table_height_mm=v.table_height_mm + 40.0) if i % 2 else v
              for i, v in enumerate(views)]
