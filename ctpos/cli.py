@@ -11,11 +11,15 @@ import importlib
 import logging
 import sys
 
-# subcommand -> module that registers it (module.register(subparsers) -> None)
+# subcommand -> "module:function" that registers it (function(subparsers) -> None)
 SUBCOMMANDS = {
-    "sim": "sim.cli",
-    "calibrate": "calibration.cli",
-    "demo": "sim.demo",
+    "sim": "sim.cli:register",
+    "calibrate": "calibration.cli:register",
+    "keys": "scanner_bridge.cli:register_keys",
+    "daemon": "scanner_bridge.cli:register_daemon",
+    "scanner-sim": "scanner_bridge.cli:register_scanner_sim",
+    "bridge": "scanner_bridge.cli:register_bridge",
+    "demo": "sim.demo:register",
 }
 
 
@@ -30,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen subcommand's module is imported; the others get a stub entry for --help.
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, module in SUBCOMMANDS.items():
+    for name, spec in SUBCOMMANDS.items():
         if name == chosen:
-            importlib.import_module(module).register(sub)
+            module, func = spec.split(":")
+            getattr(importlib.import_module(module), func)(sub)
         else:
             sub.add_parser(name, help=f"(see ctpos {name} --help)")
     args = parser.parse_args(argv)
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # every typed error of ours carries a one-line reason
         if type(exc).__module__.split(".")[0] in {"ctpos", "positioning", "sim", "calibration", "scanner_bridge"} \
-                or isinstance(exc, (OSError, UserError)):
+                or isinstance(exc, (OSError, ValueError, RuntimeError, UserError)):
             print(f"ctpos {args.command}: {exc}", file=sys.stderr)
             return 2
         raise
