@@ -113,9 +113,11 @@ class Daemon:
             self.last_status = st
             self.adapter.stop()
             if st.faults:
-                self._fire(Event.FAULT, "daemon", f"scanner reports {', '.join(st.faults)} at start")
+                self.fault_reason = f"scanner reports {', '.join(st.faults)} at start"
+                self._fire(Event.FAULT, "daemon", self.fault_reason)
         except AdapterError as exc:
-            self._fire(Event.FAULT, "daemon", f"scanner unreachable at start: {exc}")
+            self.fault_reason = f"scanner unreachable at start: {exc}"
+            self._fire(Event.FAULT, "daemon", self.fault_reason)
         self.audit.record("event", "daemon", "start", f"protocol {PROTOCOL_VERSION}; table at "
                           + (f"{self.last_status.table_height_mm:.1f}/{self.last_status.table_longitudinal_mm:.1f} mm"
                              if self.last_status else "unknown"))
@@ -264,6 +266,8 @@ class Daemon:
             self._fire(Event.RESET_FAULT, who, b["reason"])
             try:
                 self.adapter.reset_faults()
+                # A reset may re-reference the encoders: take a fresh reading as the new reference.
+                self.last_status = self.adapter.status()
             except AdapterError as exc:
                 self._fire(Event.FAULT, "daemon", f"scanner refused the reset: {exc}")
                 raise CommandError(ErrorCode.FAULT, f"scanner refused the reset: {exc}") from None
