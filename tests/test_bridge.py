@@ -290,3 +290,29 @@ def test_audit_log_is_append_only(rig):
             db.execute("DELETE FROM audit")
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             db.execute("UPDATE audit SET who='x'")
+
+
+def test_cli_keys_daemon_and_bridge(tmp_path):
+    """The commands a service engineer types: keys, a daemon with the simulator, bridge status/move/estop."""
+    import subprocess
+    import sys
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "ctpos", *a], capture_output=True, text=True, timeout=120)
+
+    r = run("keys", "generate", str(tmp_path / "k"))
+    assert r.returncode == 0 and (tmp_path / "k" / "authorized" / "console.key").exists()
+    with scanner_process(tmp_path) as sep, daemon_process(tmp_path, tmp_path / "k", scanner_ep=sep) as (proc, bind):
+        r = run("bridge", "status", "--connect", bind, "--keys", str(tmp_path / "k"))
+        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "idle", r.stderr
+        r = run("bridge", "move", "--height", "250", "--longitudinal", "-1050", "--connect", bind,
+                "--keys", str(tmp_path / "k"))
+        body = json.loads(r.stdout)
+        assert r.returncode == 0 and abs(body["table_longitudinal_mm"] + 1050) < 1, r.stderr
+        r = run("bridge", "estop", "--reason", "test", "--connect", bind, "--keys", str(tmp_path / "k"))
+        assert json.loads(r.stdout)["state"] == "estop"
+        r = run("bridge", "move", "--height", "250", "--longitudinal", "-1000", "--connect", bind,
+                "--keys", str(tmp_path / "k"))
+        assert r.returncode == 2 and "E_ESTOP" in r.stderr and r.stderr.count("\n") == 1
+        r = run("bridge", "status", "--connect", bind, "--keys", str(tmp_path / "nokeys"))
+        assert r.returncode == 2 and "key" in r.stderr
