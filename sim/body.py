@@ -13,17 +13,9 @@ import torch
 
 from positioning.anatomy import APEX_SD_M, BASE_SD_M, LEVEL_JOINT, trunk_levels
 from positioning.bodymodel import BodyModel
+from positioning.poses import POSITION_ROTATIONS
 from positioning.skeleton import JOINT_INDEX as J
 from positioning.skeleton import NUM_JOINTS, PARENTS
-
-# Body frame -> S for each DICOM patient position (before yaw). Head first: +y_body -> +y_S.
-POSITION_ROTATIONS = {
-    "HFS": np.diag([1.0, 1.0, 1.0]),
-    "FFS": np.diag([-1.0, -1.0, 1.0]),
-    "HFP": np.diag([-1.0, 1.0, -1.0]),
-    "FFP": np.diag([1.0, -1.0, -1.0]),
-}
-
 
 def _set(pose: np.ndarray, joint: str, rotvec) -> None:
     i = J[joint] - 1  # body_pose excludes the pelvis
@@ -51,8 +43,9 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
         _set(p, "left_elbow", [0, -u(0.0, 0.25), 0])
         _set(p, "right_elbow", [0, u(0.0, 0.25), 0])
     elif arms == "arms_up":
-        a = u(1.15, 1.45)
-        e = u(0.0, 1.3)
+        # Upper arms beside the head, forearms over or around it: the arms rest on the mattress.
+        a = u(1.35, 1.6)
+        e = u(0.3, 1.5)
         _set(p, "left_collar", [0, 0, u(0.1, 0.3)])
         _set(p, "right_collar", [0, 0, -u(0.1, 0.3)])
         _set(p, "left_shoulder", [0, 0, a])

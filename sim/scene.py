@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 POSES = ("arms_down", "arms_up", "hands_on_belly", "knees_bent")
-POSITIONS = ("HFS", "FFS", "HFP", "FFP")
+from positioning.poses import POSITIONS
 
 # Default ranges: what a CT room sees. Lengths mm, angles degrees.
 DEFAULTS: dict[str, Any] = {

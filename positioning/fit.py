@@ -1,0 +1,228 @@
+"""Fit the SMPL-layout body model to a segmented patient: pure torch over arrays.
+
+Hypotheses: the four patient positions × two arm poses, each started from the
+canonical pose (positioning/poses.py), placed by the points' principal axis and
+extent. All hypotheses are optimised together (batched); the lowest final cost
+wins, and its margin over the best hypothesis of another patient position is the
+position's confidence.
+
+Cost (per hypothesis, metres):
+* data, ICP-style: each observed point to its nearest model vertex, and each
+  upward-facing model vertex to its nearest observed point (robust, correspondences
+  refreshed every few steps with a KD-tree, outside autograd);
+* keypoints (when given): confidence-weighted distance of model joints to 3D keypoints;
+* contact: no vertex below the support surface, and the body's lowest points on it;
+* priors: betas (unit Gaussian), pose near the hypothesis's canonical pose, joint
+  limits (knees and elbows bend one way).
+
+The linear blend skinning is smplx's own (``smplx.lbs``), evaluated on a fixed
+subset of vertices during the fit; the final mesh comes from the full smplx layer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from positioning.bodymodel import BodyModel
+from positioning.poses import POSITION_ROTATIONS, POSITIONS, canonical_pose
+from positioning.skeleton import JOINT_INDEX as J
+from positioning.skeleton import NUM_JOINTS, PARENTS
+
+ARMS = ("down", "up")
+N_POINTS = 1500
+N_VERTS = 1500
+ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The fitted body in S (mm) and what it rests on.
+
+    vertices (V, 3) float32 mm, frame S; joints (24, 3) float32 mm, frame S;
+    betas (K,), body_pose (24, 3) axis-angle incl. zero root, rotation (3, 3) body->S;
+    patient_position: DICOM code; position_margin: cost gap to the best other position
+    (relative); costs: final cost of every hypothesis; residual_mm: median distance of
+    the observed points to the fitted surface; timing_ms: per stage.
+    """
+
+    vertices: np.ndarray
+    joints: np.ndarray
+    betas: np.ndarray
+    body_pose: np.ndarray
+    rotation: np.ndarray
+    translation_mm: np.ndarray
+    patient_position: str
+    arms: str
+    position_margin: float
+    costs: dict[str, float]
+    residual_mm: float
+    joint_confidence: np.ndarray
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Skin:
+    """smplx's LBS on a vertex subset. Tensors float32, metres, model frame."""
+
+    def __init__(self, model: BodyModel, sub: np.ndarray) -> None:
+        d = model.data
+        k = model.num_betas
+        self.v_t = torch.as_tensor(d.v_template)
+        self.sd = torch.as_tensor(d.shapedirs[:, :, :k])
+        self.jr = torch.as_tensor(d.J_regressor)
+        self.sub = torch.as_tensor(sub)
+        self.w_sub = torch.as_tensor(d.weights[sub])
+        self.parents = torch.as_tensor(np.array(PARENTS))
+        faces = torch.as_tensor(d.faces.astype(np.int64))
+        self.faces = faces
+        self.k = k
+
+    def __call__(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3)), root at the origin."""
+        from smplx.lbs import batch_rigid_transform, batch_rodrigues
+
+        b = betas.shape[0]
+        v_shaped = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
+        j = torch.einsum("jv,bvc->bjc", self.jr, v_shaped)
+        rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(b, NUM_JOINTS, 3, 3)
+        posed_j, a = batch_rigid_transform(rot, j, self.parents)
+        t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a)
+        v = v_shaped[:, self.sub]
+        v = torch.einsum("bvmn,bvn->bvm", t[..., :3, :3], v) + t[..., :3, 3]
+        return v - posed_j[:, :1], posed_j - posed_j[:, :1]
+
+
+def _rot_z(a: torch.Tensor) -> torch.Tensor:
+    c, s = torch.cos(a), torch.sin(a)
+    z, o = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1), torch.stack([z, z, o], -1)], -2)
+
+
+def _small_rot(v: torch.Tensor) -> torch.Tensor:
+    from smplx.lbs import batch_rodrigues
+
+    return batch_rodrigues(v)
+
+
+def _principal_yaw(points: np.ndarray) -> float:
+    """Angle (rad) of the points' long axis against +y_S, in (-pi/2, pi/2]."""
+    xy = points[:, :2] - points[:, :2].mean(0)
+    w, v = np.linalg.eigh(np.cov(xy.T))
+    ax = v[:, np.argmax(w)]
+    if ax[1] < 0:
+        ax = -ax
+    return float(np.arctan2(-ax[0], ax[1]))
+
+
+def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
+             keypoints_s_mm: np.ndarray | None = None, keypoint_conf: np.ndarray | None = None,
+             iterations: int = 120, seed: int = 0, positions: tuple[str, ...] = POSITIONS,
+             arms: tuple[str, ...] = ARMS) -> FitResult:
+    """Fit every hypothesis to the patient's points (N, 3) mm in S; return the best.
+
+    keypoints_s_mm: (24, 3) optional 3D keypoints in S with keypoint_conf (24,) in 0..1.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    pts = points_s_mm[rng.choice(len(points_s_mm), min(N_POINTS, len(points_s_mm)), replace=False)] / 1000.0
+    support = support_z_s_mm / 1000.0
+    nv = model.data.v_template.shape[0]
+    sub = np.sort(rng.choice(nv, min(N_VERTS, nv), replace=False))
+    skin = _Skin(model, sub)
+    hyps = [(p, a) for p in positions for a in arms]
+    h = len(hyps)
+    base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _ in hyps]), dtype=torch.float32)
+    pose0 = torch.as_tensor(np.stack([canonical_pose(a) for _, a in hyps]), dtype=torch.float32)
+    yaw0 = _principal_yaw(pts)
+    centre = pts.mean(0)
+    # Parameters: yaw, small tilt, translation, betas, pose offset.
+    yaw = torch.full((h,), yaw0, dtype=torch.float32, requires_grad=True)
+    tilt = torch.zeros(h, 3, requires_grad=True)
+    trans = torch.tensor(np.tile([centre[0], centre[1], support + 0.12], (h, 1)), dtype=torch.float32,
+                         requires_grad=True)
+    betas = torch.zeros(h, skin.k, requires_grad=True)
+    dpose = torch.zeros(h, NUM_JOINTS, 3, requires_grad=True)
+    pts_t = torch.as_tensor(pts, dtype=torch.float32)
+    tree = cKDTree(pts)
+    kp = None if keypoints_s_mm is None else torch.as_tensor(keypoints_s_mm / 1000.0, dtype=torch.float32)
+    kc = None if keypoint_conf is None else torch.as_tensor(keypoint_conf, dtype=torch.float32)
+    free = torch.ones(NUM_JOINTS, 3)
+    free[0] = 0.0  # the root's rotation is yaw/tilt/base
+    opt = torch.optim.Adam([
+        {"params": [yaw, tilt], "lr": 0.02},
+        {"params": [trans], "lr": 0.01},
+        {"params": [betas], "lr": 0.05},
+        {"params": [dpose], "lr": 0.03},
+    ])
+    # Start each hypothesis with its body's extent over the points' extent (in the yawed frame).
+    with torch.no_grad():
+        v, _ = skin(betas, pose0)
+        vs = torch.einsum("bij,bvj->bvi", _rot_z(yaw) @ base, v)
+        c_pts = torch.as_tensor((pts.min(0) + pts.max(0)) / 2, dtype=torch.float32)
+        c_mod = (vs.min(1).values + vs.max(1).values) / 2
+        trans[:, :2] = c_pts[:2] - c_mod[:, :2]
+        trans[:, 2] = support - vs[..., 2].min(1).values
+    t_setup = time.perf_counter()
+    corr_obs = corr_vis = vis_mask = None
+    for it in range(iterations):
+        opt.zero_grad()
+        pose = pose0 + dpose * free
+        v, j = skin(betas, pose)
+        rot = _rot_z(yaw) @ _small_rot(tilt) @ base
+        vs = torch.einsum("bij,bvj->bvi", rot, v) + trans[:, None]
+        js = torch.einsum("bij,bvj->bvi", rot, j) + trans[:, None]
+        if it % 5 == 0:
+            with torch.no_grad():
+                vn = vs.numpy()
+                corr_obs = torch.as_tensor(np.stack([cKDTree(vn[i]).query(pts)[1] for i in range(h)]))
+                # Model points the camera could see: the upper part of the body at each place.
+                vis_mask = torch.as_tensor(vn[..., 2] > support + 0.04)
+                corr_vis = torch.as_tensor(np.stack([tree.query(vn[i])[1] for i in range(h)]))
+        d_obs = (vs[torch.arange(h)[:, None], corr_obs] - pts_t[None]).norm(dim=-1)
+        d_vis = (vs - pts_t[corr_vis]).norm(dim=-1)
+        gm = lambda d: d * d / (d * d + ROBUST_M ** 2)  # noqa: E731  Geman-McClure
+        e_obs = gm(d_obs).mean(1)
+        e_vis = (gm(d_vis) * vis_mask).sum(1) / vis_mask.sum(1).clamp(min=1)
+        below = torch.relu(support - vs[..., 2])
+        e_contact = (below ** 2).mean(1) * 100.0 + (vs[..., 2].min(1).values - support).pow(2) * 10.0
+        e_beta = (betas ** 2).mean(1) * 1e-3
+        e_pose = ((dpose * free) ** 2).sum((1, 2)) * 2e-3
+        knee = pose[:, [J["left_knee"], J["right_knee"]], 0]
+        elbow_l, elbow_r = pose[:, J["left_elbow"], 1], pose[:, J["right_elbow"], 1]
+        e_limit = (torch.relu(-knee) ** 2).sum(1) + torch.relu(elbow_l) ** 2 + torch.relu(-elbow_r) ** 2
+        cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
+        if kp is not None:
+            cost = cost + 2.0 * (kc * (js - kp).norm(dim=-1) ** 2).sum(1) / kc.sum().clamp(min=1e-6)
+        cost.sum().backward()
+        opt.step()
+    t_opt = time.perf_counter()
+    with torch.no_grad():
+        final = cost.detach().numpy()
+    costs = {f"{p}/{a}": float(c) for (p, a), c in zip(hyps, final)}
+    best = int(np.argmin(final))
+    pos_best = hyps[best][0]
+    others = [c for (p, _), c in zip(hyps, final) if p != pos_best]
+    margin = float((min(others) - final[best]) / max(final[best], 1e-9)) if others else 1.0
+
+    with torch.no_grad():
+        lay = model.layer
+        out = lay(betas=betas[best:best + 1].detach(), body_pose=(pose0 + dpose * free)[best:best + 1, 1:].reshape(1, -1),
+                  global_orient=torch.zeros(1, 3), transl=torch.zeros(1, 3))
+        root = out.joints[0, 0]
+        r = (_rot_z(yaw) @ _small_rot(tilt) @ base)[best]
+        verts = ((out.vertices[0] - root) @ r.T + trans[best]).numpy() * 1000.0
+        joints = ((out.joints[0, :NUM_JOINTS] - root) @ r.T + trans[best]).numpy() * 1000.0
+    resid = float(np.median(cKDTree(verts).query(points_s_mm[rng.choice(len(points_s_mm), min(5000,
+                                                                         len(points_s_mm)), replace=False)])[0]))
+    t_end = time.perf_counter()
+    return FitResult(
+        vertices=verts.astype(np.float32), joints=joints.astype(np.float32), betas=betas[best].detach().numpy(),
+        body_pose=(pose0 + dpose * free)[best].detach().numpy(), rotation=r.numpy(),
+        translation_mm=trans[best].detach().numpy() * 1000.0, patient_position=pos_best, arms=hyps[best][1],
+        position_margin=margin, costs=costs, residual_mm=resid,
+        joint_confidence=np.full(NUM_JOINTS, float(np.clip(margin, 0, 1))),
+        timing_ms={"fit_setup": (t_setup - t0) * 1000, "fit_optimise": (t_opt - t_setup) * 1000,
+                   "fit_mesh": (t_end - t_opt) * 1000})

@@ -1,0 +1,43 @@
+"""Patient positions and the canonical CT poses, shared by the fitter (as starting points and
+priors) and the simulator (as the centre of its pose distribution). Pure.
+
+Poses are SMPL axis-angle vectors (24, 3), radians, in the body model's T-pose rest
+frame; index 0 is the global orientation and stays zero (the position rotation is
+applied separately).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from positioning.skeleton import JOINT_INDEX as J
+from positioning.skeleton import NUM_JOINTS
+
+POSITIONS = ("HFS", "FFS", "HFP", "FFP")
+# Body frame (y to the head, z to the front, x to the body's left) -> S, before yaw.
+# Head first: +y_body -> +y_S (into the gantry); supine: +z_body -> +z_S (face up).
+POSITION_ROTATIONS = {
+    "HFS": np.diag([1.0, 1.0, 1.0]),
+    "FFS": np.diag([-1.0, -1.0, 1.0]),
+    "HFP": np.diag([-1.0, 1.0, -1.0]),
+    "FFP": np.diag([1.0, -1.0, -1.0]),
+}
+
+
+def canonical_pose(arms: str) -> np.ndarray:
+    """(24, 3) a typical lying pose: arms 'down' (at the sides) or 'up' (above the head, elbows bent)."""
+    p = np.zeros((NUM_JOINTS, 3))
+    if arms == "down":
+        p[J["left_shoulder"]] = [0, 0, -1.35]
+        p[J["right_shoulder"]] = [0, 0, 1.35]
+    elif arms == "up":
+        p[J["left_collar"]] = [0, 0, 0.2]
+        p[J["right_collar"]] = [0, 0, -0.2]
+        p[J["left_shoulder"]] = [0, 0, 1.45]
+        p[J["right_shoulder"]] = [0, 0, -1.45]
+        p[J["left_elbow"]] = [0, 0, 0.8]
+        p[J["right_elbow"]] = [0, 0, -0.8]
+    else:
+        raise ValueError(f"unknown arm pose {arms!r}")
+    for s, sg in (("left", 1), ("right", -1)):
+        p[J[f"{s}_hip"]] = [0, 0, -sg * 0.07]
+    return p

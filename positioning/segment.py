@@ -1,0 +1,144 @@
+"""Patient segmentation: which measured points are the patient, in the table frame. Pure.
+
+The depth is mapped to S through the calibration and to T through the table
+readings (CONVENTIONS.md). The support surface (mattress, or the bare tabletop) is
+found from the data — the dominant height just above z_T = 0 — so mattresses of
+any thickness, and captures made by other tools, are handled alike. Everything
+standing proud of it inside the tabletop's footprint is binned into a top-down
+height map (10 mm cells) and split into connected parts: the largest is the
+patient; other parts are reported as objects, or refused as a second person when
+they are body-sized or stand tall beside the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from positioning.capture import Capture
+from positioning.frames import depth_to_points, scanner_to_table, transform
+
+CELL_MM = 10.0
+FOOTPRINT_HALF_WIDTH_MM = 330.0  # tabletop (~260) plus what hangs over: a blanket, an elbow
+MAX_BODY_HEIGHT_MM = 650.0  # above the support: a knee on a cushion, an obese abdomen
+MIN_CLEARANCE_MM = 25.0  # above the support: less is mattress noise
+MIN_PATIENT_AREA_M2 = 0.12
+PERSON_AREA_M2 = 0.25  # a second part this large is a second person
+GANTRY_Y_S_MM = -500.0  # nearer the isocenter than this is the gantry's face or the bore
+
+
+class SegmentationError(Exception):
+    """No single patient can be found on the table; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """A part on the table that is not the patient. centre (3,) mm in S; size (3,) mm."""
+
+    centre: np.ndarray
+    size: np.ndarray
+    area_m2: float
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The patient's points and where they lie.
+
+    points_s: (N, 3) float32, mm, frame S, the patient's measured surface.
+    pixels: (N, 2) int, (row, col) of each point in the depth image.
+    support_z_s: height of the support surface (mattress top) in S, mm.
+    heightmap: (Hm, Wm) float32, mm above the support, 10 mm cells, NaN = empty;
+    heightmap_origin_t: (x_T, y_T) of cell [0, 0]'s centre.
+    """
+
+    points_s: np.ndarray
+    pixels: np.ndarray
+    support_z_s: float
+    heightmap: np.ndarray
+    heightmap_origin_t: tuple[float, float]
+    area_m2: float
+    objects: list[DetectedObject] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def support_height_t(z_t: np.ndarray) -> float:
+    """The support surface's z_T (mm): the densest 5 mm height band between -20 and 150 mm."""
+    z = z_t[(z_t > -20) & (z_t < 150)]
+    if len(z) < 500:
+        raise SegmentationError("the tabletop is not where the calibration and table readings put it")
+    hist, edges = np.histogram(z, bins=np.arange(-20, 155, 5.0))
+    k = int(np.argmax(hist))
+    band = z[(z >= edges[k] - 5) & (z < edges[k + 1] + 5)]
+    return float(np.median(band))
+
+
+def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmentation:
+    """Find the patient in one capture (see module doc). Raises SegmentationError with the reason."""
+    import cv2
+
+    depth = capture.depth_mm()
+    valid = depth > 0
+    if valid.mean() < min_valid_fraction:
+        raise SegmentationError(f"only {valid.mean() * 100:.0f} % of the depth image holds data "
+                                f"(camera covered, too close, or not a depth image)")
+    sc = capture.scene
+    pts_s = transform(depth_to_points(depth, capture.camera)[valid], sc.camera_to_scanner)
+    rows, cols = np.nonzero(valid)
+    pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
+    in_foot = (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+    support = support_height_t(pts_t[in_foot, 2])
+    above = pts_t[:, 2] - support
+    cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
+
+    # Top-down height map over the footprint.
+    y_lo = float(pts_t[in_foot, 1].min()) if in_foot.any() else -2500.0
+    y_hi = float(pts_t[in_foot, 1].max()) if in_foot.any() else 200.0
+    ny = int((y_hi - y_lo) / CELL_MM) + 1
+    nx = int(2 * FOOTPRINT_HALF_WIDTH_MM / CELL_MM) + 1
+    ix = np.clip(((pts_t[:, 0] + FOOTPRINT_HALF_WIDTH_MM) / CELL_MM).astype(int), 0, nx - 1)
+    iy = np.clip(((pts_t[:, 1] - y_lo) / CELL_MM).astype(int), 0, ny - 1)
+    hm = np.full((ny, nx), -np.inf, np.float32)
+    np.maximum.at(hm, (iy[cand], ix[cand]), above[cand].astype(np.float32))
+    occ = np.isfinite(hm).astype(np.uint8)
+    occ = cv2.morphologyEx(occ, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(occ, connectivity=8)
+    cell_m2 = (CELL_MM / 1000.0) ** 2
+    parts = sorted(range(1, n), key=lambda i: -stats[i, cv2.CC_STAT_AREA])
+    if not parts or stats[parts[0], cv2.CC_STAT_AREA] * cell_m2 < MIN_PATIENT_AREA_M2:
+        raise SegmentationError("no patient on the table")
+    body = parts[0]
+    label_of_point = np.where(cand, labels[iy, ix], 0)
+    body_area = stats[body, cv2.CC_STAT_AREA] * cell_m2
+    objects, warnings = [], []
+    for p in parts[1:]:
+        area = stats[p, cv2.CC_STAT_AREA] * cell_m2
+        if area < 0.004:  # under 40 cells: noise, a cable
+            continue
+        sel = label_of_point == p
+        if area >= PERSON_AREA_M2:
+            raise SegmentationError(f"a second person-sized shape ({area:.2f} m²) is on the table")
+        q = pts_s[sel]
+        objects.append(DetectedObject(q.mean(0), np.ptp(q, axis=0), float(area)))
+        warnings.append(f"object of {area * 1e4:.0f} cm² beside the patient, not fitted")
+    body_pts = label_of_point == body
+    # Half off the table: much of the patient lies over the footprint's lateral edge.
+    bt = pts_t[body_pts]
+    over = np.abs(bt[:, 0]) > FOOTPRINT_HALF_WIDTH_MM - 20
+    if over.mean() > 0.05:
+        raise SegmentationError(f"the patient lies over the table's edge ({over.mean() * 100:.0f} % of the "
+                                f"body surface at the edge)")
+    # Also off-table: body points outside the footprint at body height (an arm or leg hanging off).
+    outside = (~in_foot) & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM) & \
+              (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 250) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+    if outside.sum() > 0.25 * body_pts.sum():
+        raise SegmentationError("the patient lies partly off the table")
+    # Someone standing at the table: surfaces well above any lying body, beside or over it.
+    tall = (above > MAX_BODY_HEIGHT_MM) & (above < 1500) & (pts_s[:, 1] < GANTRY_Y_S_MM) & \
+           (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 400)
+    if tall.sum() > 0.1 * body_pts.sum():
+        raise SegmentationError("a person is standing at the table")
+    hm[labels != body] = -np.inf
+    hm_out = np.where(np.isfinite(hm), hm, np.nan).astype(np.float32)
+    return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),
+                        float(support - sc.table_height_mm), hm_out,
+                        (-FOOTPRINT_HALF_WIDTH_MM, y_lo), float(body_area), objects, warnings)
