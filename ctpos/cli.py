@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "sim": "sim.cli:register",
     "calibrate": "calibration.cli:register",
+    "fit": "positioning.cli:register",
     "keys": "scanner_bridge.cli:register_keys",
     "daemon": "scanner_bridge.cli:register_daemon",
     "scanner-sim": "scanner_bridge.cli:register_scanner_sim",

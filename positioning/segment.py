@@ -90,9 +90,11 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     above = pts_t[:, 2] - support
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
 
-    # Top-down height map over the footprint.
-    y_lo = float(pts_t[in_foot, 1].min()) if in_foot.any() else -2500.0
-    y_hi = float(pts_t[in_foot, 1].max()) if in_foot.any() else 200.0
+    # Top-down height map over the support's length (not the floor seen past its ends).
+    on_support = in_foot & (np.abs(pts_t[:, 2] - support) < 30.0)
+    ys = pts_t[on_support | cand, 1]
+    y_lo, y_hi = float(np.percentile(ys, 0.1)) - 100.0, float(np.percentile(ys, 99.9)) + 100.0
+    cand &= (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
     ny = int((y_hi - y_lo) / CELL_MM) + 1
     nx = int(2 * FOOTPRINT_HALF_WIDTH_MM / CELL_MM) + 1
     ix = np.clip(((pts_t[:, 0] + FOOTPRINT_HALF_WIDTH_MM) / CELL_MM).astype(int), 0, nx - 1)
@@ -112,7 +114,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     objects, warnings = [], []
     for p in parts[1:]:
         area = stats[p, cv2.CC_STAT_AREA] * cell_m2
-        if area < 0.004:  # under 40 cells: noise, a cable
+        if area < 0.005 or above[label_of_point == p].max(initial=0) < 40.0:  # noise, a cable, a fold
             continue
         sel = label_of_point == p
         if area >= PERSON_AREA_M2:
@@ -135,7 +137,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     # Someone standing at the table: surfaces well above any lying body, beside or over it.
     tall = (above > MAX_BODY_HEIGHT_MM) & (above < 1500) & (pts_s[:, 1] < GANTRY_Y_S_MM) & \
            (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 400)
-    if tall.sum() > 0.1 * body_pts.sum():
+    if tall.sum() > 800:  # a head seen from above is ~1,500 points at 1 m
         raise SegmentationError("a person is standing at the table")
     hm[labels != body] = -np.inf
     hm_out = np.where(np.isfinite(hm), hm, np.nan).astype(np.float32)

@@ -133,8 +133,12 @@ def slab_centre(verts: np.ndarray, keep: np.ndarray, y: float) -> dict[str, floa
             "ap_mm": float(s[:, 2].max() - s[:, 2].min()), "lat_mm": float(s[:, 0].max() - s[:, 0].min())}
 
 
-def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None = None) -> tuple[Capture, dict]:
-    """Render one capture of scene p and compute its ground truth (frame S, mm)."""
+def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None = None,
+             with_patient: bool = True) -> tuple[Capture, dict]:
+    """Render one capture of scene p and compute its ground truth (frame S, mm).
+
+    extra_meshes: more things in the room (objects, a second person); with_patient=False
+    renders the empty table (its truth then says only that)."""
     rng = np.random.default_rng(p.pose_seed)
     prone = p.patient_position.endswith("P")
     body_pose = make_pose(p.pose, prone, rng)
@@ -148,15 +152,15 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     faces = model.faces.astype(np.int32)
     body = Mesh(verts, faces, "body")
     room = room_meshes(p.table_height_mm, p.table_longitudinal_mm, p.mattress_mm, p.bore_diameter_mm)
-    meshes = room + [body] + list(extra_meshes or [])
-    if p.pose == "knees_bent":
+    meshes = room + ([body] if with_patient else []) + list(extra_meshes or [])
+    if p.pose == "knees_bent" and with_patient:
         knees = joints[[JOINT_INDEX["left_knee"], JOINT_INDEX["right_knee"]]]
         near = np.abs(verts[:, 1] - knees[:, 1].mean()) < 60
         top = verts[near, 2].min() if near.any() else mattress_top + 100
         meshes.append(box([-220, knees[:, 1].mean() - 160, mattress_top], [220, knees[:, 1].mean() + 160, top],
                           "cushion"))
     head_dir = 1.0 if p.patient_position.startswith("H") else -1.0
-    if p.blanket:
+    if p.blanket and with_patient:
         hips_y = 0.5 * (joints[JOINT_INDEX["left_hip"], 1] + joints[JOINT_INDEX["right_hip"], 1])
         start = hips_y + head_dir * rng.uniform(-150, 200)
         end = verts[:, 1].min() - 60 if head_dir > 0 else verts[:, 1].max() + 60
@@ -181,6 +185,8 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     capture = Capture(depth=depth, color=color, camera=cam.intrinsics,
                       scene=SceneState(cam.camera_to_scanner, p.table_height_mm, p.table_longitudinal_mm),
                       name=f"sim-{p.seed}")
+    if not with_patient:
+        return capture, {"patient": False, "scene": p.to_json()}
     rest = template if template is not None else (
         model.data.v_template + np.einsum("vck,k->vc", model.data.shapedirs[:, :, :len(p.betas)], np.array(p.betas)))
     truth = ground_truth(p, model, rest, verts, joints, face, levels, dominant, head_dir, ideal)

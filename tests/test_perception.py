@@ -1,0 +1,111 @@
+"""Perception on simulated captures: segmentation, its refusals, the body fit, and `ctpos fit`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from positioning.capture import read_capture, read_truth
+from positioning.fit import fit_body
+from positioning.segment import SegmentationError, segment_patient
+from positioning.skeleton import JOINT_NAMES
+from sim.room import Mesh, box
+from sim.scene import load_config, sample_scene
+from sim.simulate import simulate
+
+
+def _scene(body_model, seed, **fixed):
+    return sample_scene(seed, {**load_config(None), **fixed}, body_model.data.train["betas"])
+
+
+def test_segmentation_finds_the_patient_on_its_support(sim_cases):
+    for case in sim_cases:
+        cap, t = read_capture(case), read_truth(case)
+        seg = segment_patient(cap)
+        mattress_top = t["scene"]["mattress_mm"] - t["table_height_mm"]
+        assert abs(seg.support_z_s - mattress_top) < 5.0
+        assert 0.3 < seg.area_m2 < 1.3
+        # The points lie over the truth body: the pelvis joint is inside their footprint.
+        pel = np.array(t["joints_scanner_mm"]["pelvis"])
+        d = np.linalg.norm(seg.points_s[:, :2] - pel[:2], axis=1)
+        assert d.min() < 30
+
+
+def test_object_beside_the_patient_is_reported_not_fitted(body_model):
+    p = _scene(body_model, 31, pose="arms_down", patient_position="HFS", lateral_offset_mm=60.0, blanket=False,
+               yaw_deg=0.0)
+    table_top = p.mattress_mm - p.table_height_mm
+    # A bag on the mattress beside the patient's right shin, where the mattress is free.
+    cap, t = simulate(p, body_model)
+    y = t["joints_scanner_mm"]["right_knee"][1] - 200.0
+    bag = box([-240, y, table_top], [-180, y + 140, table_top + 110], "bag")
+    cap, _ = simulate(p, body_model, extra_meshes=[bag])
+    seg = segment_patient(cap)
+    assert len(seg.objects) == 1 and "object" in seg.warnings[0]
+    assert abs(seg.objects[0].centre[0] + 210) < 40 and seg.objects[0].area_m2 > 0.005
+
+
+def test_empty_table_is_refused(body_model):
+    cap, truth = simulate(_scene(body_model, 32), body_model, with_patient=False)
+    assert truth["patient"] is False
+    with pytest.raises(SegmentationError, match="no patient on the table"):
+        segment_patient(cap)
+
+
+def test_mostly_empty_depth_is_refused(sim_cases):
+    cap = read_capture(sim_cases[0])
+    holes = cap.depth.copy()
+    holes[:, : int(0.8 * holes.shape[1])] = 0
+    with pytest.raises(SegmentationError, match="of the depth image holds data"):
+        segment_patient(dataclasses.replace(cap, depth=holes))
+
+
+def test_patient_half_off_the_table_is_refused(body_model):
+    p = _scene(body_model, 33, pose="arms_down", patient_position="HFS", lateral_offset_mm=330.0, yaw_deg=0.0)
+    cap, _ = simulate(p, body_model)
+    with pytest.raises(SegmentationError, match="edge|off the table"):
+        segment_patient(cap)
+
+
+def test_a_second_person_is_refused(body_model):
+    """Someone standing at the table's side, leaning in: refused, not fitted."""
+    p = _scene(body_model, 34, pose="arms_down", patient_position="HFS", lateral_offset_mm=-40.0)
+    out = body_model.layer(betas=torch.zeros(1, 16), body_pose=torch.zeros(1, 69))
+    v = out.vertices[0].detach().numpy() * 1000.0
+    v = v[:, [2, 0, 1]] * np.array([-1, 1, 1])  # stand up facing -x (towards the table)
+    v += np.array([430.0, p.table_longitudinal_mm - 1000.0, -1080.0 - v[:, 2].min()])
+    person = Mesh(v, body_model.faces.astype(np.int32), "body")
+    cap, _ = simulate(p, body_model, extra_meshes=[person])
+    with pytest.raises(SegmentationError, match="person"):
+        segment_patient(cap)
+
+
+@pytest.mark.parametrize("case_index", [0, 1])
+def test_fit_finds_the_position_and_the_joints(sim_cases, body_model, case_index):
+    """Regression guard of the current fitter (docs/perception.md has the full accuracy table)."""
+    cap, t = read_capture(sim_cases[case_index]), read_truth(sim_cases[case_index])
+    seg = segment_patient(cap)
+    res = fit_body(body_model, seg.points_s, seg.support_z_s)
+    assert res.patient_position == t["patient_position"]
+    truth = np.array([t["joints_scanner_mm"][n] for n in JOINT_NAMES])
+    err = np.linalg.norm(res.joints - truth, axis=1)
+    assert np.median(err) < 120, err.round()
+    assert res.vertices.shape == (body_model.data.v_template.shape[0], 3)
+    assert res.residual_mm < 25
+
+
+def test_fit_cli(sim_cases, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ctpos", "fit", str(sim_cases[0]), "--json", "--mesh",
+                        str(tmp_path / "m.ply")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["patient_position"] in ("HFS", "FFS", "HFP", "FFP") and len(out["joints_scanner_mm"]) == 24
+    assert {"segment", "fit_optimise"} <= set(out["timing_ms"]) and (tmp_path / "m.ply").stat().st_size > 0
+    r = subprocess.run([sys.executable, "-m", "ctpos", "fit", str(tmp_path / "nothing")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "capture folder not found" in r.stderr and "Traceback" not in r.stderr
