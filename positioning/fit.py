@@ -107,6 +107,16 @@ def _small_rot(v: torch.Tensor) -> torch.Tensor:
     return batch_rodrigues(v)
 
 
+def _keypoint_yaw(kp: np.ndarray, conf: np.ndarray) -> float:
+    """Angle (rad) of the pelvis->neck direction against +y_S, folded into (-pi/2, pi/2] like the principal axis."""
+    d = kp[J["neck"], :2] - kp[J["pelvis"], :2]
+    if min(conf[J["neck"]], conf[J["pelvis"]]) < 0.3 or np.linalg.norm(d) < 1e-6:
+        return 0.0
+    if d[1] < 0:
+        d = -d
+    return float(np.arctan2(-d[0], d[1]))
+
+
 def _principal_yaw(points: np.ndarray) -> float:
     """Angle (rad) of the points' long axis against +y_S, in (-pi/2, pi/2]."""
     xy = points[:, :2] - points[:, :2].mean(0)
@@ -120,10 +130,12 @@ def _principal_yaw(points: np.ndarray) -> float:
 def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
              keypoints_s_mm: np.ndarray | None = None, keypoint_conf: np.ndarray | None = None,
              iterations: int = 120, seed: int = 0, positions: tuple[str, ...] = POSITIONS,
-             arms: tuple[str, ...] = ARMS) -> FitResult:
+             arms: tuple[str, ...] = ARMS, warm: FitResult | None = None) -> FitResult:
     """Fit every hypothesis to the patient's points (N, 3) mm in S; return the best.
 
-    keypoints_s_mm: (24, 3) optional 3D keypoints in S with keypoint_conf (24,) in 0..1.
+    keypoints_s_mm: (24, 3) optional 3D keypoints in S (SMPL joint order) with
+    keypoint_conf (24,) in 0..1 (0 where a joint has no keypoint).
+    warm: the previous frame's result: one hypothesis, started from it (live use).
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -132,18 +144,25 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     nv = model.data.v_template.shape[0]
     sub = np.sort(rng.choice(nv, min(N_VERTS, nv), replace=False))
     skin = _Skin(model, sub)
-    hyps = [(p, a) for p in positions for a in arms]
+    if warm is not None:
+        hyps = [(warm.patient_position, warm.arms)]
+        base = torch.as_tensor(warm.rotation[None], dtype=torch.float32)
+        pose0 = torch.as_tensor(warm.body_pose[None], dtype=torch.float32)
+        yaw0 = 0.0
+    else:
+        hyps = [(p, a) for p in positions for a in arms]
+        base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _ in hyps]), dtype=torch.float32)
+        pose0 = torch.as_tensor(np.stack([canonical_pose(a) for _, a in hyps]), dtype=torch.float32)
+        yaw0 = _keypoint_yaw(keypoints_s_mm, keypoint_conf) if keypoints_s_mm is not None else _principal_yaw(pts)
     h = len(hyps)
-    base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _ in hyps]), dtype=torch.float32)
-    pose0 = torch.as_tensor(np.stack([canonical_pose(a) for _, a in hyps]), dtype=torch.float32)
-    yaw0 = _principal_yaw(pts)
     centre = pts.mean(0)
     # Parameters: yaw, small tilt, translation, betas, pose offset.
     yaw = torch.full((h,), yaw0, dtype=torch.float32, requires_grad=True)
     tilt = torch.zeros(h, 3, requires_grad=True)
     trans = torch.tensor(np.tile([centre[0], centre[1], support + 0.12], (h, 1)), dtype=torch.float32,
                          requires_grad=True)
-    betas = torch.zeros(h, skin.k, requires_grad=True)
+    betas = torch.zeros(h, skin.k) if warm is None else torch.as_tensor(warm.betas[None], dtype=torch.float32)
+    betas.requires_grad_(True)
     dpose = torch.zeros(h, NUM_JOINTS, 3, requires_grad=True)
     pts_t = torch.as_tensor(pts, dtype=torch.float32)
     tree = cKDTree(pts)
@@ -157,14 +176,20 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         {"params": [betas], "lr": 0.05},
         {"params": [dpose], "lr": 0.03},
     ])
-    # Start each hypothesis with its body's extent over the points' extent (in the yawed frame).
     with torch.no_grad():
-        v, _ = skin(betas, pose0)
-        vs = torch.einsum("bij,bvj->bvi", _rot_z(yaw) @ base, v)
-        c_pts = torch.as_tensor((pts.min(0) + pts.max(0)) / 2, dtype=torch.float32)
-        c_mod = (vs.min(1).values + vs.max(1).values) / 2
-        trans[:, :2] = c_pts[:2] - c_mod[:, :2]
-        trans[:, 2] = support - vs[..., 2].min(1).values
+        if warm is not None:
+            trans[:] = torch.as_tensor(warm.translation_mm / 1000.0, dtype=torch.float32)
+        else:
+            # Each hypothesis starts with its body's extent over the points' extent (yawed frame),
+            # or with its pelvis on the pelvis keypoint when there is a confident one.
+            v, _ = skin(betas, pose0)
+            vs = torch.einsum("bij,bvj->bvi", _rot_z(yaw) @ base, v)
+            c_pts = torch.as_tensor((pts.min(0) + pts.max(0)) / 2, dtype=torch.float32)
+            c_mod = (vs.min(1).values + vs.max(1).values) / 2
+            trans[:, :2] = c_pts[:2] - c_mod[:, :2]
+            if keypoints_s_mm is not None and keypoint_conf[J["pelvis"]] > 0.3:
+                trans[:, :2] = torch.as_tensor(keypoints_s_mm[J["pelvis"], :2] / 1000.0, dtype=torch.float32)
+            trans[:, 2] = support - vs[..., 2].min(1).values
     t_setup = time.perf_counter()
     corr_obs = corr_vis = vis_mask = None
     for it in range(iterations):

@@ -143,4 +143,5 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     hm_out = np.where(np.isfinite(hm), hm, np.nan).astype(np.float32)
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),
                         float(support - sc.table_height_mm), hm_out,
-                        (-FOOTPRINT_HALF_WIDTH_MM, y_lo), float(body_area), objects, warnings)
+                        (-FOOTPRINT_HALF_WIDTH_MM + CELL_MM / 2, y_lo + CELL_MM / 2), float(body_area), objects,
+                        warnings)

@@ -1,0 +1,151 @@
+"""Depth keypoints: a compact network on the top-down height map of the segmented patient.
+
+The input is camera-independent: the patient's measured surface in the table frame,
+binned at 10 mm (positioning/segment.py), cut to a fixed window of 256 × 64 cells
+(2.56 m along the table, ±320 mm across) centred on the patient. It shows no face
+and works in the dark or under a thin blanket. Two channels: height above the
+support (/300 mm) and occupancy.
+
+The network (``KeypointNet``, ~0.38 M parameters) predicts, at half resolution, a
+heatmap per keypoint and the keypoint's height above the support. Keypoints are
+anatomical (the patient's left is left), so the patient position follows from them.
+Weights: positioning/data/keypoints_v1.pt, trained by ``python -m sim.keypoint_training``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from positioning.segment import CELL_MM, Segmentation
+
+KEYPOINTS: tuple[str, ...] = (
+    "head", "neck", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+    "pelvis", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+FLIP = tuple(KEYPOINTS.index(n.replace("left", "#").replace("right", "left").replace("#", "right"))
+             for n in KEYPOINTS)
+WIN_Y, WIN_X = 256, 64  # cells along and across the table
+HEIGHT_SCALE_MM = 300.0
+WEIGHTS = Path(__file__).parent / "data" / "keypoints_v1.pt"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a height-map window lies: cell (i, j) centre is at x_T = x0 + j*CELL, y_T = y0 + i*CELL."""
+
+    x0: float
+    y0: float
+
+    def to_table(self, ij: np.ndarray) -> np.ndarray:
+        """(..., 2) cell coordinates (row i along y, column j along x) -> (..., 2) (x_T, y_T) mm."""
+        return np.stack([self.x0 + ij[..., 1] * CELL_MM, self.y0 + ij[..., 0] * CELL_MM], -1)
+
+    def to_cells(self, xy_t: np.ndarray) -> np.ndarray:
+        return np.stack([(xy_t[..., 1] - self.y0) / CELL_MM, (xy_t[..., 0] - self.x0) / CELL_MM], -1)
+
+
+def window_input(seg: Segmentation) -> tuple[np.ndarray, Window]:
+    """(2, 256, 64) float32 network input and its window, centred on the patient's height map."""
+    hm = seg.heightmap
+    occ = np.isfinite(hm)
+    rows = np.nonzero(occ.any(1))[0]
+    centre_i = (rows.min() + rows.max()) / 2.0
+    i0 = int(round(centre_i - WIN_Y / 2))
+    j0 = int(round((hm.shape[1] - WIN_X) / 2))
+    out = np.zeros((2, WIN_Y, WIN_X), np.float32)
+    si, sj = max(i0, 0), max(j0, 0)
+    ei, ej = min(i0 + WIN_Y, hm.shape[0]), min(j0 + WIN_X, hm.shape[1])
+    patch = hm[si:ei, sj:ej]
+    out[0, si - i0:ei - i0, sj - j0:ej - j0] = np.nan_to_num(patch / HEIGHT_SCALE_MM, nan=0.0)
+    out[1, si - i0:ei - i0, sj - j0:ej - j0] = np.isfinite(patch)
+    x0 = seg.heightmap_origin_t[0] + j0 * CELL_MM
+    y0 = seg.heightmap_origin_t[1] + i0 * CELL_MM
+    return out, Window(x0, y0)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class KeypointNet(nn.Module):
+    """A small U-Net: (B, 2, 256, 64) -> heatmaps (B, K, 128, 32) and heights (B, K, 128, 32)."""
+
+    def __init__(self, k: int = len(KEYPOINTS), w: int = 16) -> None:
+        super().__init__()
+        self.e1, self.e2, self.e3, self.e4 = _block(2, w), _block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 6 * w)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.d3, self.d2 = _block(6 * w + 4 * w, 4 * w), _block(4 * w + 2 * w, 2 * w)
+        self.head = nn.Conv2d(2 * w, 2 * k, 1)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e1 = self.e1(x)  # 256x64
+        e2 = self.e2(self.pool(e1))  # 128x32
+        e3 = self.e3(self.pool(e2))  # 64x16
+        e4 = self.e4(self.pool(e3))  # 32x8
+        d3 = self.d3(torch.cat([self.up(e4), e3], 1))  # 64x16
+        d2 = self.d2(torch.cat([self.up(d3), e2], 1))  # 128x32
+        out = self.head(d2)
+        return out[:, : self.k], out[:, self.k:]
+
+
+@functools.lru_cache(maxsize=2)
+def load_keypoint_net(path: Path = WEIGHTS) -> KeypointNet:
+    net = KeypointNet()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state["model"])
+    net.eval()
+    return net
+
+
+def decode_heatmaps(heat: torch.Tensor, height: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, H, W) logits -> cell coordinates (K, 2) at input resolution, heights (K,) in mm, confidences (K,).
+
+    Soft-argmax in a 5x5 neighbourhood of each peak; confidence is the peak's sigmoid.
+    """
+    k, h, w = heat.shape
+    flat = heat.reshape(k, -1)
+    peak = flat.argmax(1)
+    pi, pj = (peak // w).numpy(), (peak % w).numpy()
+    prob = torch.sigmoid(heat).numpy()
+    coords = np.zeros((k, 2))
+    hts = np.zeros(k)
+    for n in range(k):
+        i0, i1 = max(pi[n] - 2, 0), min(pi[n] + 3, h)
+        j0, j1 = max(pj[n] - 2, 0), min(pj[n] + 3, w)
+        p = prob[n, i0:i1, j0:j1]
+        ii, jj = np.mgrid[i0:i1, j0:j1]
+        s = p.sum() + 1e-9
+        coords[n] = [(ii * p).sum() / s, (jj * p).sum() / s]
+        hts[n] = float(height[n, pi[n], pj[n]]) * HEIGHT_SCALE_MM
+    # Half-resolution cell (i, j) covers input cells 2i..2i+1: its centre is at 2i + 0.5.
+    return coords * 2 + 0.5, hts, prob[np.arange(k), pi, pj]
+
+
+@dataclass(frozen=True)
+class Keypoints:
+    """Keypoints in S: points (K, 3) mm, confidence (K,) 0..1, names KEYPOINTS."""
+
+    points_s: np.ndarray
+    confidence: np.ndarray
+
+
+def detect_keypoints(seg: Segmentation, table_height_mm: float, table_longitudinal_mm: float,
+                     net: KeypointNet | None = None) -> Keypoints:
+    """Run the network on a segmented capture; keypoints in S (mm)."""
+    net = net or load_keypoint_net()
+    x, win = window_input(seg)
+    with torch.no_grad():
+        heat, height = net(torch.as_tensor(x)[None])
+    cells, hts, conf = decode_heatmaps(heat[0], height[0])
+    xy_t = win.to_table(cells)
+    z_s = seg.support_z_s + hts
+    pts = np.column_stack([xy_t[:, 0], xy_t[:, 1] + table_longitudinal_mm, z_s])
+    return Keypoints(pts, conf)

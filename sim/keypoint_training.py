@@ -1,0 +1,190 @@
+"""Train the depth keypoint network on simulated captures: one reproducible command, CPU only.
+
+    python -m sim.keypoint_training --train 2400 --test 300 --epochs 30
+
+1. Simulates captures across all poses, body types, blankets and camera mounts the
+   simulator offers (training seeds and held-out seeds never overlap), segments each
+   with the production code and cuts its height-map window; the truth keypoints go
+   into the same window. Cached in ``--data``.
+2. Trains ``positioning.keypoints.KeypointNet`` (Adam, heatmap BCE + height L1, with
+   the two augmentations that keep anatomy valid: a half turn, and a left-right mirror
+   that swaps the left/right labels).
+3. Reports PCK and errors on the held-out captures and writes the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from positioning.keypoints import FLIP, KEYPOINTS, WEIGHTS, KeypointNet, decode_heatmaps, window_input
+from positioning.skeleton import JOINT_INDEX
+
+log = logging.getLogger("ctpos.train_keypoints")
+TRAIN_SEED0, TEST_SEED0 = 10_000_000, 20_000_000
+_MODEL = None
+
+
+def _sample(seed: int):
+    """(input (2,256,64) float16, cells (K,2), heights (K,), position) for one simulated capture, or None."""
+    global _MODEL
+    from positioning.bodymodel import load_body_model
+    from positioning.segment import SegmentationError, segment_patient
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    if _MODEL is None:
+        _MODEL = load_body_model()
+    p = sample_scene(seed, load_config(None), _MODEL.data.train["betas"])
+    cap, truth = simulate(p, _MODEL)
+    try:
+        seg = segment_patient(cap)
+    except SegmentationError:
+        return None
+    x, win = window_input(seg)
+    j = truth["joints_scanner_mm"]
+    pts = np.array([j[n] for n in KEYPOINTS])
+    xy_t = np.column_stack([pts[:, 0], pts[:, 1] - cap.scene.table_longitudinal_mm])
+    cells = win.to_cells(xy_t)
+    return x.astype(np.float16), cells.astype(np.float32), (pts[:, 2] - seg.support_z_s).astype(np.float32), \
+        truth["patient_position"]
+
+
+def generate(seeds: list[int], out: Path, workers: int = 2) -> None:
+    t = time.perf_counter()
+    with mp.get_context("fork").Pool(workers) as pool:
+        rows = [r for r in pool.imap(_sample, seeds, chunksize=8) if r is not None]
+    np.savez_compressed(out, x=np.stack([r[0] for r in rows]), cells=np.stack([r[1] for r in rows]),
+                        heights=np.stack([r[2] for r in rows]), position=np.array([r[3] for r in rows]))
+    log.info("%d samples -> %s in %.0f s", len(rows), out, time.perf_counter() - t)
+
+
+def _targets(cells: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """(B, K, 2) input-resolution cells -> (B, K, 128, 32) Gaussian heatmaps at half resolution."""
+    c = (cells - 0.5) / 2.0
+    ii = torch.arange(128, dtype=torch.float32)[None, None, :, None]
+    jj = torch.arange(32, dtype=torch.float32)[None, None, None, :]
+    d2 = (ii - c[..., 0, None, None]) ** 2 + (jj - c[..., 1, None, None]) ** 2
+    return torch.exp(-d2 / (2 * sigma ** 2))
+
+
+def _augment(x, cells, heights, rng):
+    """A half turn (rows and columns reversed) and/or a mirror across the table (columns reversed, L/R swapped)."""
+    x, cells, heights = x.clone(), cells.clone(), heights.clone()
+    for b in range(x.shape[0]):
+        if rng.uniform() < 0.5:
+            x[b] = torch.flip(x[b], (1, 2))
+            cells[b, :, 0] = 256 - cells[b, :, 0]
+            cells[b, :, 1] = 64 - cells[b, :, 1]
+        if rng.uniform() < 0.5:
+            x[b] = torch.flip(x[b], (2,))
+            cells[b, :, 1] = 64 - cells[b, :, 1]
+            cells[b] = cells[b, list(FLIP)]
+            heights[b] = heights[b, list(FLIP)]
+    return x, cells, heights
+
+
+def position_from_keypoints(pts_xy: np.ndarray) -> str:
+    """DICOM position from keypoints (K, 2) in any frame parallel to S: head vs pelvis, then left vs right."""
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    hf = pts_xy[k["head"], 1] > pts_xy[k["pelvis"], 1]
+    left_pos = (pts_xy[k["left_shoulder"], 0] + pts_xy[k["left_hip"], 0]) > \
+        (pts_xy[k["right_shoulder"], 0] + pts_xy[k["right_hip"], 0])
+    supine = left_pos == hf  # HFS and FFP put the patient's left at +x
+    return ("HF" if hf else "FF") + ("S" if supine else "P")
+
+
+def evaluate(net: KeypointNet, data: dict) -> dict:
+    net.eval()
+    errs, herrs, pos_ok = [], [], []
+    with torch.no_grad():
+        for b in range(0, len(data["x"]), 64):
+            x = torch.as_tensor(data["x"][b:b + 64].astype(np.float32))
+            heat, height = net(x)
+            for n in range(len(x)):
+                cells, hts, _ = decode_heatmaps(heat[n], height[n])
+                gt = data["cells"][b + n]
+                errs.append(np.linalg.norm(cells - gt, axis=1) * 10.0)
+                herrs.append(np.abs(hts - data["heights"][b + n]))
+                # Cells (i along y, j along x) -> (x, y) for the position rule.
+                pos_ok.append(position_from_keypoints(cells[:, ::-1]) == data["position"][b + n])
+    e, h = np.array(errs), np.array(herrs)
+    e3 = np.sqrt(e ** 2 + h ** 2)
+    return {"n": int(len(e)), "pck_50mm": float((e < 50).mean()), "pck_100mm": float((e < 100).mean()),
+            "error_2d_mm_median": float(np.median(e)), "error_2d_mm_p95": float(np.percentile(e, 95)),
+            "error_3d_mm_median": float(np.median(e3)), "error_3d_mm_p95": float(np.percentile(e3, 95)),
+            "position_accuracy": float(np.mean(pos_ok)),
+            "per_keypoint_3d_median_mm": {n: float(np.median(e3[:, i])) for i, n in enumerate(KEYPOINTS)}}
+
+
+def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tr, te = dict(np.load(train_npz)), dict(np.load(test_npz))
+    x_all = torch.as_tensor(tr["x"].astype(np.float32))
+    c_all = torch.as_tensor(tr["cells"])
+    h_all = torch.as_tensor(tr["heights"] / 300.0)
+    net = KeypointNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * ((len(x_all) + 31) // 32)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(20.0))
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        net.train()
+        perm = torch.as_tensor(rng.permutation(len(x_all)))
+        tot = 0.0
+        for b in range(0, len(perm), 32):
+            idx = perm[b:b + 32]
+            x, c, h = _augment(x_all[idx], c_all[idx], h_all[idx], rng)
+            heat, height = net(x)
+            tgt = _targets(c)
+            # Height is learned at (and around) each keypoint's true place.
+            w = (tgt > 0.3).float()
+            l_h = ((height - h[..., None, None]).abs() * w).sum() / w.sum().clamp(min=1)
+            loss = bce(heat, tgt) + l_h
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss) * len(idx)
+        log.info("epoch %d/%d loss %.4f (%.0f s)", ep + 1, epochs, tot / len(perm), time.perf_counter() - t0)
+    report = evaluate(net, te)
+    report.update(train_samples=int(len(x_all)), epochs=epochs, train_seconds=time.perf_counter() - t0,
+                  parameters=int(sum(p.numel() for p in net.parameters())))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": net.state_dict(), "keypoints": list(KEYPOINTS), "report": report}, out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=int, default=2400)
+    ap.add_argument("--test", type=int, default=300)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--data", type=Path, default=Path("bench/out/keypoint-data"))
+    ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--report", type=Path, default=Path("docs/keypoints-report.json"))
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.data.mkdir(parents=True, exist_ok=True)
+    tr, te = args.data / f"train-{args.train}.npz", args.data / f"test-{args.test}.npz"
+    if not tr.exists():
+        generate([TRAIN_SEED0 + i for i in range(args.train)], tr, args.workers)
+    if not te.exists():
+        generate([TEST_SEED0 + i for i in range(args.test)], te, args.workers)
+    report = train(tr, te, args.out, args.epochs)
+    args.report.write_text(json.dumps(report, indent=1) + "\n")
+    log.info("%s", json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
