@@ -153,7 +153,7 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
         log.info("epoch %d/%d loss %.4f (%.0f s)", ep + 1, epochs, tot / len(perm), time.perf_counter() - t0)
     report = evaluate(net, te)
     report.update(train_samples=int(len(x_all)), epochs=epochs, train_seconds=time.perf_counter() - t0,
