@@ -36,6 +36,7 @@ ARMS = ("down", "up")
 N_POINTS = 1500
 N_VERTS = 1500
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
+KEYPOINT_WEIGHT = 100.0  # per m^2 of confidence-weighted keypoint distance
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         e_limit = (torch.relu(-knee) ** 2).sum(1) + torch.relu(elbow_l) ** 2 + torch.relu(-elbow_r) ** 2
         cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
         if kp is not None:
-            cost = cost + 2.0 * (kc * (js - kp).norm(dim=-1) ** 2).sum(1) / kc.sum().clamp(min=1e-6)
+            # 5 cm off a confident keypoint costs as much as a quarter of the points being outliers.
+            cost = cost + KEYPOINT_WEIGHT * (kc * (js - kp).norm(dim=-1) ** 2).sum(1) / kc.sum().clamp(min=1e-6)
         cost.sum().backward()
         opt.step()
     t_opt = time.perf_counter()

@@ -129,6 +129,16 @@ def decode_heatmaps(heat: torch.Tensor, height: torch.Tensor) -> tuple[np.ndarra
     return coords * 2 + 0.5, hts, prob[np.arange(k), pi, pj]
 
 
+def position_from_keypoints(pts_xy: np.ndarray) -> str:
+    """DICOM position from keypoints (K, 2) in any frame parallel to S: head vs pelvis, then left vs right."""
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    hf = pts_xy[k["head"], 1] > pts_xy[k["pelvis"], 1]
+    left_pos = (pts_xy[k["left_shoulder"], 0] + pts_xy[k["left_hip"], 0]) > \
+        (pts_xy[k["right_shoulder"], 0] + pts_xy[k["right_hip"], 0])
+    supine = left_pos == hf  # HFS and FFP put the patient's left at +x
+    return ("HF" if hf else "FF") + ("S" if supine else "P")
+
+
 @dataclass(frozen=True)
 class Keypoints:
     """Keypoints in S: points (K, 3) mm, confidence (K,) 0..1, names KEYPOINTS."""

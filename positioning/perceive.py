@@ -9,7 +9,8 @@ import numpy as np
 from positioning.bodymodel import BodyModel
 from positioning.capture import Capture
 from positioning.fit import FitResult, fit_body
-from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints
+from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints, position_from_keypoints
+from positioning.poses import POSITIONS
 from positioning.segment import Segmentation, segment_patient
 from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
 
@@ -59,7 +60,9 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
         kp = detect_keypoints(seg, capture.scene.table_height_mm, capture.scene.table_longitudinal_mm, net)
         kp24, conf24 = keypoints_as_joints(kp)
         timing["keypoints"] = (time.perf_counter() - t) * 1000
-    res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24,
+    # The keypoints say which way the patient lies; the fit then only decides the arms.
+    positions = (position_from_keypoints(kp.points_s[:, :2]),) if kp is not None else POSITIONS
+    res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions,
                    iterations=40 if warm is not None else 120, warm=warm.fit if warm is not None else None)
     timing.update(res.timing_ms)
     jc = np.full(NUM_JOINTS, 0.5) if conf24 is None else np.where(conf24 > 0, conf24, 0.5)

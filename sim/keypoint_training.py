@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from positioning.keypoints import FLIP, KEYPOINTS, WEIGHTS, KeypointNet, decode_heatmaps, window_input
+from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, KeypointNet, decode_heatmaps, position_from_keypoints,
+                                   window_input)
 from positioning.skeleton import JOINT_INDEX
 
 log = logging.getLogger("ctpos.train_keypoints")
@@ -88,16 +89,6 @@ def _augment(x, cells, heights, rng):
             cells[b] = cells[b, list(FLIP)]
             heights[b] = heights[b, list(FLIP)]
     return x, cells, heights
-
-
-def position_from_keypoints(pts_xy: np.ndarray) -> str:
-    """DICOM position from keypoints (K, 2) in any frame parallel to S: head vs pelvis, then left vs right."""
-    k = {n: i for i, n in enumerate(KEYPOINTS)}
-    hf = pts_xy[k["head"], 1] > pts_xy[k["pelvis"], 1]
-    left_pos = (pts_xy[k["left_shoulder"], 0] + pts_xy[k["left_hip"], 0]) > \
-        (pts_xy[k["right_shoulder"], 0] + pts_xy[k["right_hip"], 0])
-    supine = left_pos == hf  # HFS and FFP put the patient's left at +x
-    return ("HF" if hf else "FF") + ("S" if supine else "P")
 
 
 def evaluate(net: KeypointNet, data: dict) -> dict:

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from positioning.capture import read_capture, read_truth
-from positioning.keypoints import FLIP, KEYPOINTS, detect_keypoints, load_keypoint_net, window_input
+from positioning.keypoints import (FLIP, KEYPOINTS, detect_keypoints, load_keypoint_net, position_from_keypoints,
+                                   window_input)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.segment import segment_patient
-from sim.keypoint_training import _augment, position_from_keypoints
+from sim.keypoint_training import _augment
 
 
 def test_flip_swaps_left_and_right_only():
