@@ -36,7 +36,8 @@ ARMS = ("down", "up")
 N_POINTS = 1500
 N_VERTS = 1500
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
-KEYPOINT_WEIGHT = 100.0  # per m^2 of confidence-weighted keypoint distance
+KEYPOINT_WEIGHT = 1.0
+KEYPOINT_ROBUST_M = 0.08
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         d_obs = (vs[torch.arange(h)[:, None], corr_obs] - pts_t[None]).norm(dim=-1)
         d_vis = (vs - pts_t[corr_vis]).norm(dim=-1)
         gm = lambda d: d * d / (d * d + ROBUST_M ** 2)  # noqa: E731  Geman-McClure
+        gm_kp = lambda d: d * d / (d * d + KEYPOINT_ROBUST_M ** 2)  # noqa: E731
         e_obs = gm(d_obs).mean(1)
         e_vis = (gm(d_vis) * vis_mask).sum(1) / vis_mask.sum(1).clamp(min=1)
         below = torch.relu(support - vs[..., 2])
@@ -221,8 +223,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         e_limit = (torch.relu(-knee) ** 2).sum(1) + torch.relu(elbow_l) ** 2 + torch.relu(-elbow_r) ** 2
         cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
         if kp is not None:
-            # 5 cm off a confident keypoint costs as much as a quarter of the points being outliers.
-            cost = cost + KEYPOINT_WEIGHT * (kc * (js - kp).norm(dim=-1) ** 2).sum(1) / kc.sum().clamp(min=1e-6)
+            # Robust: a keypoint on the wrong limb (a left/right swap) saturates instead of dragging the body.
+            cost = cost + KEYPOINT_WEIGHT * (kc * gm_kp((js - kp).norm(dim=-1))).sum(1) / kc.sum().clamp(min=1e-6)
         cost.sum().backward()
         opt.step()
     t_opt = time.perf_counter()
