@@ -1,8 +1,8 @@
 """Perception accuracy and speed on held-out simulated captures (seeds the keypoint network never saw).
 
 For each capture: patient position, 3D error of shoulders, elbows, wrists, hips, knees,
-ankles and neck against truth, visible-surface error (each measured body point to the
-fitted mesh), and time cold (all hypotheses) and warm (a second frame of the same
+ankles and neck against truth, visible-surface error (the true body's camera-visible
+surface to the fitted mesh), and time cold (all hypotheses) and warm (a second frame of the same
 scene, started from the first). Broken down by pose and body type.
 Run: .venv/bin/python bench/perception.py [--n 200] [--no-keypoints]
 """
@@ -17,11 +17,34 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 EVAL = ("left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
         "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle", "neck")
 SEED0 = 30_000_000
+
+
+def visible_surface_error(true_v: np.ndarray, faces: np.ndarray, fit_v: np.ndarray, cam_s: np.ndarray) -> np.ndarray:
+    """Distances (mm) from the true body's camera-visible vertices to the fitted mesh's surface.
+
+    Visible: facing the camera and the first surface along the ray (Open3D ray casting
+    on the true mesh); distance: Open3D's exact point-to-triangle distance.
+    """
+    import open3d as o3d
+
+    tm = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(true_v), o3d.utility.Vector3iVector(faces))
+    tm.compute_vertex_normals()
+    n = np.asarray(tm.vertex_normals)
+    to_cam = cam_s - true_v
+    dist = np.linalg.norm(to_cam, axis=1)
+    facing = (n * to_cam).sum(1) / dist > 0.2
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(tm))
+    rays = np.column_stack([np.broadcast_to(cam_s, true_v.shape), -to_cam / dist[:, None]]).astype(np.float32)
+    t_hit = scene.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy()
+    visible = facing & (np.abs(t_hit - dist) < 3.0)
+    fit = o3d.t.geometry.RaycastingScene()
+    fit.add_triangles(o3d.core.Tensor(fit_v.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32)))
+    return fit.compute_distance(o3d.core.Tensor(true_v[visible].astype(np.float32))).numpy()
 
 
 def main() -> None:
@@ -38,7 +61,7 @@ def main() -> None:
     from positioning.segment import SegmentationError
     from positioning.skeleton import JOINT_INDEX
     from sim.scene import load_config, sample_scene
-    from sim.simulate import simulate
+    from sim.simulate import posed_patient, simulate
 
     model = load_body_model()
     net = None if args.no_keypoints else load_keypoint_net()
@@ -61,7 +84,8 @@ def main() -> None:
             continue
         tj = np.array([truth["joints_scanner_mm"][n] for n in EVAL])
         err = np.linalg.norm(per.joints[[JOINT_INDEX[n] for n in EVAL]] - tj, axis=1)
-        surf = cKDTree(per.vertices).query(per.segmentation.points_s)[0]
+        surf = visible_surface_error(posed_patient(p, model)[1], model.faces, per.vertices,
+                                     cap.scene.camera_to_scanner[:3, 3])
         warm_err = np.linalg.norm(per2.joints[[JOINT_INDEX[n] for n in EVAL]] - tj, axis=1)
         kinds = [truth["pose"], "prone" if truth["patient_position"].endswith("P") else "supine"]
         if truth["bmi"] > 35:

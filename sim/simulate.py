@@ -133,6 +133,22 @@ def slab_centre(verts: np.ndarray, keep: np.ndarray, y: float) -> dict[str, floa
             "ap_mm": float(s[:, 2].max() - s[:, 2].min()), "lat_mm": float(s[:, 0].max() - s[:, 0].min())}
 
 
+def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | None = None):
+    """The scene's patient in S (mm): (own rest mesh or None, vertices, joints, face points, internal levels).
+
+    Deterministic for the scene (the pose draws from p.pose_seed); evaluation uses it
+    for the true surface, which the capture folder does not store.
+    """
+    rng = rng if rng is not None else np.random.default_rng(p.pose_seed)
+    body_pose = make_pose(p.pose, p.patient_position.endswith("P"), rng)
+    template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
+    verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
+    verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
+                                            p.lateral_offset_mm, p.head_gap_mm, p.mattress_mm, p.table_height_mm,
+                                            p.table_longitudinal_mm)
+    return template, verts, joints, face, levels
+
+
 def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None = None,
              with_patient: bool = True) -> tuple[Capture, dict]:
     """Render one capture of scene p and compute its ground truth (frame S, mm).
@@ -140,14 +156,8 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     extra_meshes: more things in the room (objects, a second person); with_patient=False
     renders the empty table (its truth then says only that)."""
     rng = np.random.default_rng(p.pose_seed)
-    prone = p.patient_position.endswith("P")
-    body_pose = make_pose(p.pose, prone, rng)
-    template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
-    verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
+    template, verts, joints, face, levels = posed_patient(p, model, rng)
     mattress_top_t = p.mattress_mm
-    verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
-                                            p.lateral_offset_mm, p.head_gap_mm, mattress_top_t, p.table_height_mm,
-                                            p.table_longitudinal_mm)
     mattress_top = mattress_top_t - p.table_height_mm
     faces = model.faces.astype(np.int32)
     body = Mesh(verts, faces, "body")
