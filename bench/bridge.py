@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         keys = make_keys(tmp)
-        with scanner_process(tmp) as sep, daemon_process(tmp, keys, scanner_ep=sep) as (proc, bind):
+        with scanner_process(tmp) as sep, daemon_process(tmp, keys, scanner_ep=sep) as (proc, bind, tele):
             c = client(bind, keys)
             for _ in range(200):
                 c.request("status")
@@ -57,7 +57,7 @@ def main() -> None:
                   f"{statistics.median(audited):.3f} ms, p99 {pct(audited, 99):.3f} ms")
 
             tele_c = client(bind, keys, "tech2")
-            tele_c.telemetry_endpoint = bind.rsplit(":", 1)[0] + ":" + str(int(bind.rsplit(":", 1)[1]) + 1)
+            tele_c.telemetry_endpoint = tele
             tele_c.subscribe()
             tele_c.telemetry(2.0)
             t0 = time.perf_counter()

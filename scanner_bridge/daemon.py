@@ -44,6 +44,10 @@ REPLY_CACHE = 10_000
 QUERIES = {"hello", "status", "heartbeat"}  # change nothing: not audited
 
 
+class DaemonError(Exception):
+    """The daemon cannot start (an endpoint taken, keys unreadable); one-line reason."""
+
+
 class CommandError(Exception):
     """A well-formed command the daemon will not execute; becomes an error reply."""
 
@@ -104,8 +108,11 @@ class Daemon:
         for s in (self._router, self._pub):
             s.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._router.bind(self.bind)
-        self._pub.bind(self.telemetry_bind)
+        for sock, ep in ((self._router, self.bind), (self._pub, self.telemetry_bind)):
+            try:
+                sock.bind(ep)
+            except zmq.ZMQError as exc:
+                raise DaemonError(f"cannot listen on {ep}: {exc}") from None
         self.adapter.connect()
         # Never resume: read where the table really is and start still.
         try:

@@ -18,16 +18,12 @@ from scanner_bridge.keys import generate
 from scanner_bridge.simulator import SimulatorAdapter
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def endpoints() -> tuple[str, str]:
-    p = free_port()
-    q = free_port()
-    return f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{q}"
+    """Two distinct free loopback TCP endpoints (both sockets held open while choosing)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{a.getsockname()[1]}", f"tcp://127.0.0.1:{b.getsockname()[1]}"
 
 
 @contextmanager
@@ -61,10 +57,12 @@ def daemon_thread(tmp: Path, scanner_ep: str, keys: Path | None):
 
 @contextmanager
 def daemon_process(tmp: Path, keys: Path, bind: str | None = None, scanner_ep: str | None = None):
-    """``ctpos daemon --sim`` as a real subprocess; yields (Popen, bind, telemetry)."""
-    bind = bind or endpoints()[0]
-    args = [sys.executable, "-m", "ctpos", "daemon", "--sim", "--bind", bind, "--keys", str(keys),
-            "--state-dir", str(tmp / "state")]
+    """``ctpos daemon --sim`` as a real subprocess; yields (Popen, request endpoint, telemetry endpoint)."""
+    ep, tele = endpoints()
+    bind = bind or ep
+    # An explicit telemetry port: the default (request port + 1) may be some client's ephemeral port.
+    args = [sys.executable, "-m", "ctpos", "daemon", "--sim", "--bind", bind, "--telemetry", tele, "--keys",
+            str(keys), "--state-dir", str(tmp / "state")]
     if scanner_ep:
         args += ["--scanner", scanner_ep]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -73,7 +71,7 @@ def daemon_process(tmp: Path, keys: Path, bind: str | None = None, scanner_ep: s
         proc.kill()
         raise RuntimeError(f"daemon did not start: {line}{proc.stdout.read()}")
     try:
-        yield proc, bind
+        yield proc, bind, tele
     finally:
         if proc.poll() is None:
             proc.terminate()

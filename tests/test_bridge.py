@@ -238,7 +238,7 @@ def test_kill_9_during_a_move(tmp_path):
     reports the true position, does not move, and the audit log holds every acknowledged command."""
     keys = make_keys(tmp_path)
     with scanner_process(tmp_path) as sep:
-        with daemon_process(tmp_path, keys, scanner_ep=sep) as (proc, bind):
+        with daemon_process(tmp_path, keys, scanner_ep=sep) as (proc, bind, tele):
             c = client(bind, keys)
             acked = [c.request("load_plan", {"plan": PLAN}).reply_to]
             c.start_heartbeat()
@@ -256,7 +256,7 @@ def test_kill_9_during_a_move(tmp_path):
             logged = {r[0] for r in db.execute("SELECT msg_id FROM audit WHERE kind='request'")}
             replied = {r[0] for r in db.execute("SELECT reply_to FROM audit WHERE kind='reply'")}
         assert set(acked) <= logged and set(acked) <= replied
-        with daemon_process(tmp_path, keys, scanner_ep=sep) as (proc, bind):
+        with daemon_process(tmp_path, keys, scanner_ep=sep) as (proc, bind, tele):
             c = client(bind, keys)
             s = c.request("status").body
             assert abs(s["table_longitudinal_mm"] - true.table_longitudinal_mm) < 0.01
@@ -302,7 +302,8 @@ def test_cli_keys_daemon_and_bridge(tmp_path):
 
     r = run("keys", "generate", str(tmp_path / "k"))
     assert r.returncode == 0 and (tmp_path / "k" / "authorized" / "console.key").exists()
-    with scanner_process(tmp_path) as sep, daemon_process(tmp_path, tmp_path / "k", scanner_ep=sep) as (proc, bind):
+    with scanner_process(tmp_path) as sep, \
+            daemon_process(tmp_path, tmp_path / "k", scanner_ep=sep) as (proc, bind, tele):
         r = run("bridge", "status", "--connect", bind, "--keys", str(tmp_path / "k"))
         assert r.returncode == 0 and json.loads(r.stdout)["state"] == "idle", r.stderr
         r = run("bridge", "move", "--height", "250", "--longitudinal", "-1050", "--connect", bind,
