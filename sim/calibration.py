@@ -8,7 +8,7 @@ tests, which the solver must not read.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,6 @@ class CalibrationScene:
     bad_reading: tuple[int, float] | None = None
     serial: str = "SIM-D455-0001"
     bore_diameter_mm: float = 700.0
-    extra: dict = field(default_factory=dict)
 
 
 def sample_calibration(seed: int, n_long: int = 5, n_height: int = 3, camera_height_mm: float | None = None,
