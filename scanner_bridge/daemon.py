@@ -151,11 +151,8 @@ class Daemon:
                 next_tick = max(next_tick + period, now)
 
     def close(self) -> None:
-        try:
-            if self.fsm.state in (State.MOVING, State.SCANNING):
-                self.adapter.stop()
-        except AdapterError:
-            pass
+        if self.fsm.state in (State.MOVING, State.SCANNING):
+            self._halt()  # logs if the scanner does not acknowledge
         self.adapter.close()
         if self._auth is not None:
             self._auth.stop()

@@ -119,7 +119,7 @@ class SimulatedScanner:
         self.last_contact = now
         op = req.get("op")
         if op == "status":
-            pass
+            pass  # contact alone feeds the watchdog; the reply carries the status
         elif op == "move":
             if "motor_fault" in self.faults:
                 return {"ok": False, "error": "motor fault: motion refused"}
