@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "sim": "sim.cli:register",
     "calibrate": "calibration.cli:register",
     "fit": "positioning.cli:register",
+    "plan": "positioning.cli:register_plan",
     "keys": "scanner_bridge.cli:register_keys",
     "daemon": "scanner_bridge.cli:register_daemon",
     "scanner-sim": "scanner_bridge.cli:register_scanner_sim",

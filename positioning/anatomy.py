@@ -68,3 +68,19 @@ LEVEL_JOINT = {
     "iliac_crest": "pelvis",
     "symphysis": "pelvis",
 }
+
+
+def posed_levels(rest_joints: np.ndarray, rel_transforms: np.ndarray, apex_offset_m: float = 0.0,
+                 base_offset_m: float = 0.0) -> dict[str, np.ndarray]:
+    """Internal levels as posed points in the body's own frame (metres).
+
+    rest_joints: (24, 3) of one body; rel_transforms: (24, 4, 4) smplx's posed joint
+    transforms (``batch_rigid_transform``'s second output), which map rest-pose points
+    to posed points. Each level is the midline point at its height, carried by its
+    joint (LEVEL_JOINT).
+    """
+    out = {}
+    for name, y in trunk_levels(rest_joints, apex_offset_m, base_offset_m).items():
+        j = J[LEVEL_JOINT[name]]
+        out[name] = (rel_transforms[j] @ np.array([rest_joints[j, 0], y, rest_joints[j, 2], 1.0]))[:3]
+    return out

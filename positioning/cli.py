@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -45,6 +46,48 @@ def _fit(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out, indent=None if args.json else 1))
     return 0
+
+
+def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None):
+    """Read, perceive and plan one capture folder: (Plan, Perception). Raises typed errors with one line."""
+    from positioning.bodymodel import load_body_model
+    from positioning.capture import read_capture
+    from positioning.perceive import perceive
+    from positioning.plan import ScannerSpec, load_protocol, make_plan
+
+    t0 = time.perf_counter()
+    proto = load_protocol(protocol)
+    cap = read_capture(folder)
+    model = model or load_body_model()
+    t1 = time.perf_counter()
+    per = perceive(cap, model, net)
+    t2 = time.perf_counter()
+    warnings = [{"code": "OBJECT_BESIDE_PATIENT", "message": w} for w in per.segmentation.warnings]
+    plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
+                     per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
+                     cap.scene.table_height_mm, cap.scene.table_longitudinal_mm, spec or ScannerSpec(), warnings)
+    t3 = time.perf_counter()
+    timing = {"read_and_load": (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
+              "total": (t3 - t0) * 1000}
+    return dataclasses.replace(plan, timing_ms=timing), per
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from positioning.plan import ScannerSpec
+
+    spec = ScannerSpec(bore_diameter_mm=args.bore_mm)
+    plan, _ = plan_capture(Path(args.case), args.protocol, spec=spec)
+    print(json.dumps(plan.to_json(), indent=None if args.json else 1))
+    return 0
+
+
+def register_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="plan a scan from one capture folder (prints the plan JSON)")
+    p.add_argument("case", help="capture folder (CONVENTIONS.md)")
+    p.add_argument("--protocol", required=True, help="chest, abdomen, chest_abdomen_pelvis, head, whole_body, ...")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.add_argument("--bore-mm", type=float, default=700.0, help="bore diameter of the scanner")
+    p.set_defaults(func=_plan)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from positioning.anatomy import posed_levels
 from positioning.bodymodel import BodyModel
 from positioning.poses import POSITION_ROTATIONS, POSITIONS, canonical_pose
 from positioning.skeleton import JOINT_INDEX as J
@@ -46,6 +47,8 @@ class FitResult:
 
     vertices (V, 3) float32 mm, frame S; joints (24, 3) float32 mm, frame S;
     betas (K,), body_pose (24, 3) axis-angle incl. zero root, rotation (3, 3) body->S;
+    landmarks: {name: (3,) mm in S}: the internal levels of positioning/anatomy.py (no
+    per-patient offsets), the top of the head ("vertex") and the face points;
     patient_position: DICOM code; position_margin: cost gap to the best other position
     (relative); costs: final cost of every hypothesis; residual_mm: median distance of
     the observed points to the fitted surface; timing_ms: per stage.
@@ -63,6 +66,7 @@ class FitResult:
     costs: dict[str, float]
     residual_mm: float
     joint_confidence: np.ndarray
+    landmarks: dict[str, np.ndarray] = field(default_factory=dict)
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,6 +85,16 @@ class _Skin:
         faces = torch.as_tensor(d.faces.astype(np.int64))
         self.faces = faces
         self.k = k
+
+    def transforms(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Rest joints (24, 3) and smplx's posed joint transforms (24, 4, 4) of one body (metres)."""
+        from smplx.lbs import batch_rigid_transform, batch_rodrigues
+
+        v_shaped = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
+        j = torch.einsum("jv,bvc->bjc", self.jr, v_shaped)
+        rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(1, NUM_JOINTS, 3, 3)
+        _, a = batch_rigid_transform(rot, j, self.parents)
+        return j[0].numpy().astype(np.float64), a[0].numpy().astype(np.float64)
 
     def __call__(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3)), root at the origin."""
@@ -238,12 +252,20 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
 
     with torch.no_grad():
         lay = model.layer
-        out = lay(betas=betas[best:best + 1].detach(), body_pose=(pose0 + dpose * free)[best:best + 1, 1:].reshape(1, -1),
+        pose_best = (pose0 + dpose * free)[best:best + 1]
+        out = lay(betas=betas[best:best + 1].detach(), body_pose=pose_best[:, 1:].reshape(1, -1),
                   global_orient=torch.zeros(1, 3), transl=torch.zeros(1, 3))
         root = out.joints[0, 0]
         r = (_rot_z(yaw) @ _small_rot(tilt) @ base)[best]
         verts = ((out.vertices[0] - root) @ r.T + trans[best]).numpy() * 1000.0
         joints = ((out.joints[0, :NUM_JOINTS] - root) @ r.T + trans[best]).numpy() * 1000.0
+        rest_j, rel = skin.transforms(betas[best:best + 1].detach(), pose_best)
+        body_pts = {**posed_levels(rest_j, rel),
+                    "vertex": out.vertices[0, model.landmark_vertex_ids["vertex"]].numpy().astype(np.float64),
+                    **{n: out.joints[0, NUM_JOINTS + i].numpy().astype(np.float64)
+                       for i, n in enumerate(("nose", "reye", "leye", "rear", "lear"))}}
+        landmarks = {n: ((torch.as_tensor(p, dtype=torch.float32) - root) @ r.T + trans[best]).numpy() * 1000.0
+                     for n, p in body_pts.items()}
     resid = float(np.median(cKDTree(verts).query(points_s_mm[rng.choice(len(points_s_mm), min(5000,
                                                                          len(points_s_mm)), replace=False)])[0]))
     t_end = time.perf_counter()
@@ -252,6 +274,6 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         body_pose=(pose0 + dpose * free)[best].detach().numpy(), rotation=r.numpy(),
         translation_mm=trans[best].detach().numpy() * 1000.0, patient_position=pos_best, arms=hyps[best][1],
         position_margin=margin, costs=costs, residual_mm=resid,
-        joint_confidence=np.full(NUM_JOINTS, float(np.clip(margin, 0, 1))),
+        joint_confidence=np.full(NUM_JOINTS, float(np.clip(margin, 0, 1))), landmarks=landmarks,
         timing_ms={"fit_setup": (t_setup - t0) * 1000, "fit_optimise": (t_opt - t_setup) * 1000,
                    "fit_mesh": (t_end - t_opt) * 1000})

@@ -32,3 +32,7 @@ LANDMARK_JOINTS: dict[str, str] = {
     "knee_left": "left_knee", "knee_right": "right_knee",
     "ankle_left": "left_ankle", "ankle_right": "right_ankle",
 }
+
+# Joints whose vertices are the arms: left out where the trunk's cross-section is wanted.
+ARM_JOINTS: frozenset[int] = frozenset(JOINT_INDEX[f"{s}_{j}"] for s in ("left", "right")
+                                       for j in ("shoulder", "elbow", "wrist", "hand"))

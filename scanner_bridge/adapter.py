@@ -34,7 +34,7 @@ class TableLimits:
     height_min_mm: float = 80.0
     height_max_mm: float = 480.0
     longitudinal_min_mm: float = -1800.0
-    longitudinal_max_mm: float = 700.0
+    longitudinal_max_mm: float = 2000.0
     height_speed_mm_s: float = 25.0
     longitudinal_speed_mm_s: float = 150.0
     height_accel_mm_s2: float = 100.0

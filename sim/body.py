@@ -11,7 +11,7 @@ import functools
 import numpy as np
 import torch
 
-from positioning.anatomy import APEX_SD_M, BASE_SD_M, LEVEL_JOINT, trunk_levels
+from positioning.anatomy import APEX_SD_M, BASE_SD_M, posed_levels
 from positioning.bodymodel import BodyModel
 from positioning.poses import POSITION_ROTATIONS
 from positioning.skeleton import JOINT_INDEX as J
@@ -70,7 +70,9 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
         for s, sg in (("left", 1), ("right", -1)):
             # The rest pose has the legs apart; lying patients bring them closer.
             _set(p, f"{s}_hip", [u(-0.05, 0.05), 0, -sg * u(0.02, 0.12)])
-            _set(p, f"{s}_ankle", [u(0.2, 0.5), 0, 0])  # feet fall outwards/forwards when lying
+            # Supine, the feet fall forwards a little; prone, they stretch out along the shins so the
+            # patient lies on chest, belly and knees rather than standing on the toes.
+            _set(p, f"{s}_ankle", [u(0.9, 1.3) if prone else u(0.2, 0.5), 0, 0])
     for j in ("spine1", "spine2", "spine3"):
         _set(p, j, rng.normal(0, 0.03, 3))
     _set(p, "neck", rng.normal(0, 0.06, 3))
@@ -107,13 +109,7 @@ def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_temp
     verts = out.vertices[0].numpy().astype(np.float64)
     joints = out.joints[0, :NUM_JOINTS].numpy().astype(np.float64)
     face = out.joints[0, NUM_JOINTS:NUM_JOINTS + 5].numpy().astype(np.float64)
-    lv = trunk_levels(rest_j, rng.normal(0, APEX_SD_M), rng.normal(0, BASE_SD_M))
-    rel = rel[0].numpy()
-    levels = {}
-    for name, y in lv.items():
-        j = J[LEVEL_JOINT[name]]
-        pt = np.array([rest_j[j, 0], y, rest_j[j, 2], 1.0])
-        levels[name] = (rel[j] @ pt)[:3]
+    levels = posed_levels(rest_j, rel[0].numpy(), rng.normal(0, APEX_SD_M), rng.normal(0, BASE_SD_M))
     return verts, joints, face, levels
 
 

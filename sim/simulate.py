@@ -8,14 +8,13 @@ import numpy as np
 
 from positioning.bodymodel import BodyModel
 from positioning.capture import CameraIntrinsics, Capture, SceneState
-from positioning.skeleton import JOINT_INDEX, JOINT_NAMES, LANDMARK_JOINTS
+from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, JOINT_NAMES, LANDMARK_JOINTS
 from sim import render
 from sim.body import anny_body_template, make_pose, place_body, pose_body
 from sim.room import Mesh, box, room_meshes
 from sim.scene import HEIGHT, WIDTH, SceneParams
 
 PROTOCOLS = ("chest", "abdomen", "chest_abdomen_pelvis", "head", "whole_body")
-ARM_JOINTS = {JOINT_INDEX[f"{s}_{j}"] for s in ("left", "right") for j in ("shoulder", "elbow", "wrist", "hand")}
 GOWN_JOINTS = {JOINT_INDEX[n] for n in ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar",
                                           "left_hip", "right_hip", "left_shoulder", "right_shoulder")}
 SLAB_HALF_MM = 15.0

@@ -1,0 +1,223 @@
+"""Scan planning from the fitted body: range, ISO-centre table height, size for dose, safety. Pure.
+
+Protocols are data (positioning/protocols/*.toml, or a folder named by
+$CTPOS_PROTOCOLS); each names the anatomical level of its cranial and caudal
+ends (positioning/anatomy.py, plus "vertex", "skull_base", "soles") with margins.
+
+The plan's numbers follow CONVENTIONS.md ("Plan"). Warnings carry a code and a
+sentence; problems that make a plan unsafe or meaningless raise PlanRefused.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
+
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+SLAB_HALF_MM = 15.0
+LEVELS = ("lung_apex", "lung_base", "diaphragm_dome", "iliac_crest", "symphysis", "vertex", "skull_base", "soles")
+
+
+class PlanRefused(Exception):
+    """No safe, meaningful plan can be made; the message says why in one line. code: machine-readable."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    description: str
+    cranial_level: str
+    cranial_margin_mm: float
+    caudal_level: str
+    caudal_margin_mm: float
+    phantom_cm: int
+
+
+@dataclass(frozen=True)
+class ScannerSpec:
+    """What the plan must fit: table travel (CONVENTIONS semantics, mm) and the bore."""
+
+    height_min_mm: float = 80.0
+    height_max_mm: float = 480.0
+    longitudinal_min_mm: float = -1800.0
+    longitudinal_max_mm: float = 2000.0
+    bore_diameter_mm: float = 700.0
+    clearance_margin_mm: float = 20.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A scan plan in CONVENTIONS.md terms (all mm, frame S at capture unless said)."""
+
+    protocol: str
+    patient_position: str
+    table_height_mm: float
+    body_thickness_mm: float
+    body_width_mm: float
+    iso_offset_lateral_mm: float
+    scan_range_scanner_mm: dict[str, float]
+    scan_range_table_mm: dict[str, float]
+    landmarks_scanner_mm: dict[str, list[float]]
+    confidence: float
+    water_equivalent_diameter_mm: float
+    ssde_conversion_factor: float
+    bore_clearance_mm: float
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        r = lambda v: round(float(v), 1)  # noqa: E731
+        return {
+            "protocol": self.protocol, "patient_position": self.patient_position,
+            "table_height_mm": r(self.table_height_mm), "body_thickness_mm": r(self.body_thickness_mm),
+            "iso_offset_lateral_mm": r(self.iso_offset_lateral_mm),
+            "scan_range_scanner_mm": {k: r(v) for k, v in self.scan_range_scanner_mm.items()},
+            "scan_range_table_mm": {k: r(v) for k, v in self.scan_range_table_mm.items()},
+            "landmarks_scanner_mm": {k: [r(x) for x in v] for k, v in self.landmarks_scanner_mm.items()},
+            "confidence": round(float(self.confidence), 3), "warnings": self.warnings,
+            "timing_ms": {k: r(v) for k, v in self.timing_ms.items()},
+            "body_width_mm": r(self.body_width_mm),
+            "water_equivalent_diameter_mm": r(self.water_equivalent_diameter_mm),
+            "ssde_conversion_factor": round(float(self.ssde_conversion_factor), 3),
+            "bore_clearance_mm": r(self.bore_clearance_mm),
+        }
+
+
+def load_protocol(name: str, folder: str | Path | None = None) -> Protocol:
+    """A protocol by name from $CTPOS_PROTOCOLS (if set) or the built-in folder; PlanRefused if unknown or bad."""
+    folders = [Path(folder)] if folder else ([Path(os.environ["CTPOS_PROTOCOLS"])] if os.environ.get(
+        "CTPOS_PROTOCOLS") else []) + [PROTOCOL_DIR]
+    for f in folders:
+        path = f / f"{name}.toml"
+        if path.is_file():
+            try:
+                d = tomllib.loads(path.read_text())
+                p = Protocol(d["name"], d.get("description", ""), d["cranial"]["level"],
+                             float(d["cranial"]["margin_mm"]), d["caudal"]["level"], float(d["caudal"]["margin_mm"]),
+                             int(d.get("phantom_cm", 32)))
+            except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise PlanRefused("PROTOCOL_INVALID", f"{path}: not a valid protocol ({exc})") from None
+            for lv in (p.cranial_level, p.caudal_level):
+                if lv not in LEVELS:
+                    raise PlanRefused("PROTOCOL_INVALID", f"{path}: unknown level {lv!r}; known: {', '.join(LEVELS)}")
+            return p
+    known = sorted({q.stem for f in folders if f.is_dir() for q in f.glob("*.toml")})
+    raise PlanRefused("PROTOCOL_UNKNOWN", f"unknown protocol {name!r}; known: {', '.join(known)}")
+
+
+def ssde_factor(d_cm: float, phantom_cm: int) -> float:
+    """AAPM Report 204 conversion factor from CTDIvol to SSDE for an effective diameter (cm)."""
+    if phantom_cm == 16:
+        return 1.874799 * math.exp(-0.03871313 * d_cm)
+    return 3.704369 * math.exp(-0.03671937 * d_cm)
+
+
+def level_y(name: str, landmarks: dict[str, np.ndarray], vertices: np.ndarray, head_dir: float) -> float:
+    """y_S (mm) of a named level on the fitted body."""
+    if name == "skull_base":  # 15 mm caudal of the ear canals (docs/anatomy.md)
+        return float(0.5 * (landmarks["rear"][1] + landmarks["lear"][1]) - 15.0 * head_dir)
+    if name == "soles":
+        return float(vertices[:, 1].min() if head_dir > 0 else vertices[:, 1].max())
+    return float(landmarks[name][1])
+
+
+def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, landmarks: dict[str, np.ndarray],
+              dominant_joint: np.ndarray, patient_position: str, position_confidence: float, residual_mm: float,
+              observed_points: np.ndarray, table_height_mm: float, table_longitudinal_mm: float,
+              spec: ScannerSpec = ScannerSpec(), extra_warnings: list[dict[str, str]] | None = None) -> Plan:
+    """The plan for one fitted body.
+
+    vertices (V, 3), joints (24, 3), landmarks {name: (3,)}, observed_points (N, 3): mm, frame S at capture;
+    dominant_joint (V,): each vertex's main skinning joint (arms are left out of the
+    ISO-centre slab). Table state as in the capture.
+    """
+    head_dir = 1.0 if patient_position.startswith("H") else -1.0
+    warnings = list(extra_warnings or [])
+    cr = level_y(protocol.cranial_level, landmarks, vertices, head_dir) + head_dir * protocol.cranial_margin_mm
+    ca = level_y(protocol.caudal_level, landmarks, vertices, head_dir) - head_dir * protocol.caudal_margin_mm
+
+    # The region must be in view: observed body points must reach both ends.
+    oy = observed_points[:, 1]
+    lo, hi = np.percentile(oy, 0.5), np.percentile(oy, 99.5)
+    for end, y in (("cranial", cr), ("caudal", ca)):
+        if not lo - 30.0 <= y <= hi + 30.0:
+            raise PlanRefused("REGION_NOT_VISIBLE", f"the {protocol.name} region's {end} end is outside the "
+                                                    f"camera's view of the patient")
+
+    # Clip to what the table can bring to the isocenter: y_T in [-long_max, -long_min].
+    to_t = -table_longitudinal_mm
+    reach = (-spec.longitudinal_max_mm - to_t, -spec.longitudinal_min_mm - to_t)  # in S at capture
+    clipped = {}
+    for end, y in (("cranial", cr), ("caudal", ca)):
+        yc = float(np.clip(y, *reach))
+        if abs(yc - y) > 0.5:
+            warnings.append({"code": "RANGE_CLIPPED", "message": f"the {end} end is {abs(yc - y):.0f} mm beyond "
+                                                                  f"the table's travel; the scan is cut there"})
+        clipped[end] = yc
+
+    # ISO centre: the AP middle of the trunk (arms out) in a slab at the region's centre.
+    yc = 0.5 * (clipped["cranial"] + clipped["caudal"])
+    trunk = ~np.isin(dominant_joint, list(ARM_JOINTS))
+    sel = trunk & (np.abs(vertices[:, 1] - yc) < SLAB_HALF_MM)
+    if sel.sum() < 10:
+        raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
+    s = vertices[sel]
+    top, bottom = s[:, 2].max(), s[:, 2].min()
+    z_c, x_c = 0.5 * (top + bottom), 0.5 * (s[:, 0].max() + s[:, 0].min())
+    ap, lat = top - bottom, s[:, 0].max() - s[:, 0].min()
+    plan_height = table_height_mm + z_c
+    # Cross-check the mesh against the measured surface in the same slab.
+    near = observed_points[(np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM)
+                           & (np.abs(observed_points[:, 0] - x_c) < lat / 2)]
+    if len(near) > 20:
+        gap = float(np.percentile(near[:, 2], 95) - top)
+        if abs(gap) > 15.0:
+            warnings.append({"code": "MESH_DEPTH_DISAGREE", "message": f"the fitted body's front is {gap:+.0f} mm "
+                                                                        f"off the measured surface at the ISO slab"})
+    if not spec.height_min_mm <= plan_height <= spec.height_max_mm:
+        raise PlanRefused("TABLE_HEIGHT_OUT_OF_RANGE", f"the ISO-centre table height {plan_height:.0f} mm is outside "
+                                                       f"the table's {spec.height_min_mm:.0f}-{spec.height_max_mm:.0f} mm")
+    # Bore clearance at the planned height, arms included.
+    dz = table_height_mm - plan_height
+    r = np.hypot(vertices[:, 0], vertices[:, 2] + dz)
+    clearance = spec.bore_diameter_mm / 2.0 - float(r.max())
+    if clearance < spec.clearance_margin_mm:
+        raise PlanRefused("BORE_COLLISION", f"at the planned height the body comes within {clearance:.0f} mm of the "
+                                            f"bore (margin {spec.clearance_margin_mm:.0f} mm): reposition the arms")
+    if abs(x_c) > 30.0:
+        warnings.append({"code": "LATERAL_OFFSET", "message": f"the patient lies {x_c:+.0f} mm off the isocenter "
+                                                               f"laterally; the table cannot correct it"})
+    confidence = float(np.clip(position_confidence, 0, 1) * math.exp(-max(residual_mm - 5.0, 0.0) / 20.0))
+    if confidence < 0.3:
+        warnings.append({"code": "LOW_CONFIDENCE", "message": f"confidence {confidence:.2f}: check the patient "
+                                                               f"position and range on the image"})
+    d_eff = math.sqrt(ap * lat)
+    lm = {"vertex": landmarks["vertex"].tolist()}
+    lm.update({k: joints[JOINT_INDEX[j]].tolist() for k, j in LANDMARK_JOINTS.items()})
+    return Plan(protocol.name, patient_position, plan_height, ap, lat, x_c,
+                {"cranial": clipped["cranial"], "caudal": clipped["caudal"]},
+                {"cranial": clipped["cranial"] - table_longitudinal_mm, "caudal": clipped["caudal"] - table_longitudinal_mm},
+                lm, confidence, d_eff, ssde_factor(d_eff / 10.0, protocol.phantom_cm), clearance, warnings)
+
+
+def patient_moved(plan_vertices: np.ndarray, faces: np.ndarray, new_points: np.ndarray,
+                  threshold_mm: float = 10.0) -> tuple[bool, float]:
+    """Has the patient moved since the plan's capture? (moved, median distance mm of the new
+    capture's body points to the plan's body surface). Points in S, same table state."""
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(plan_vertices.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32)))
+    d = scene.compute_distance(o3d.core.Tensor(new_points.astype(np.float32))).numpy()
+    med = float(np.median(d))
+    return med > threshold_mm, med
