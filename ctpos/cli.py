@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "calibrate": "calibration.cli:register",
     "fit": "positioning.cli:register",
     "plan": "positioning.cli:register_plan",
+    "eval": "positioning.cli:register_eval",
     "keys": "scanner_bridge.cli:register_keys",
     "daemon": "scanner_bridge.cli:register_daemon",
     "scanner-sim": "scanner_bridge.cli:register_scanner_sim",

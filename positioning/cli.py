@@ -90,6 +90,61 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_plan)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Plan every capture under DIR and compare with its truth.json (simulated captures only)."""
+    from positioning.bodymodel import load_body_model
+    from positioning.capture import CaptureError, read_truth
+    from positioning.keypoints import load_keypoint_net
+    from positioning.plan import PlanRefused
+    from positioning.segment import SegmentationError
+
+    model, net = load_body_model(), load_keypoint_net()
+    cases = sorted(p.parent for p in Path(args.dir).rglob("truth.json"))
+    if not cases:
+        raise ValueError(f"{args.dir}: no capture folders with truth.json")
+    rows = []
+    for case in cases:
+        truth = read_truth(case)
+        try:
+            plan, _ = plan_capture(case, args.protocol, model, net)
+        except (PlanRefused, SegmentationError, CaptureError) as exc:
+            rows.append({"case": case.name, "refused": str(exc)})
+            continue
+        t = truth["protocols"][args.protocol]
+        hd = 1.0 if truth["patient_position"].startswith("H") else -1.0
+        pr = plan.scan_range_scanner_mm
+        over_cr = (pr["cranial"] - t["cranial_y_mm"]) * hd
+        over_ca = (t["caudal_y_mm"] - pr["caudal"]) * hd
+        rows.append({"case": case.name, "position_ok": plan.patient_position == truth["patient_position"],
+                     "height_err": plan.table_height_mm - t["ideal_table_height_mm"],
+                     "overscan_cranial": over_cr, "overscan_caudal": over_ca,
+                     "covered": bool(over_cr >= -5.0 and over_ca >= -5.0), "ms": plan.timing_ms["total"]})
+    ok = [r for r in rows if "refused" not in r]
+    print(f"protocol {args.protocol}: {len(rows)} captures, {len(rows) - len(ok)} refused")
+    if ok:
+        he = np.abs([r["height_err"] for r in ok])
+        print(f"table height error: median {np.median(he):.1f} mm, p95 {np.percentile(he, 95):.1f} mm")
+        print(f"range covers the truth region (5 mm tolerance): {np.mean([r['covered'] for r in ok]) * 100:.1f} %")
+        print(f"overscan: cranial median {np.median([r['overscan_cranial'] for r in ok]):.1f} mm, caudal median "
+              f"{np.median([r['overscan_caudal'] for r in ok]):.1f} mm")
+        print(f"patient position correct: {np.mean([r['position_ok'] for r in ok]) * 100:.1f} %")
+        print(f"plan time in process: median {np.median([r['ms'] for r in ok]):.0f} ms")
+    for r in rows:
+        if "refused" in r:
+            print(f"refused {r['case']}: {r['refused']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="plan simulated captures and compare with their truth")
+    p.add_argument("dir", help="folder of capture folders with truth.json")
+    p.add_argument("--protocol", required=True)
+    p.add_argument("--json-out", help="write per-capture results here")
+    p.set_defaults(func=_eval)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit the body model to the patient in one capture folder")
     p.add_argument("case", help="capture folder (CONVENTIONS.md)")

@@ -143,14 +143,15 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     """
     head_dir = 1.0 if patient_position.startswith("H") else -1.0
     warnings = list(extra_warnings or [])
-    cr = level_y(protocol.cranial_level, landmarks, vertices, head_dir) + head_dir * protocol.cranial_margin_mm
-    ca = level_y(protocol.caudal_level, landmarks, vertices, head_dir) - head_dir * protocol.caudal_margin_mm
+    cr0 = level_y(protocol.cranial_level, landmarks, vertices, head_dir)
+    ca0 = level_y(protocol.caudal_level, landmarks, vertices, head_dir)
+    cr, ca = cr0 + head_dir * protocol.cranial_margin_mm, ca0 - head_dir * protocol.caudal_margin_mm
 
-    # The region must be in view: observed body points must reach both ends.
+    # The region must be in view: observed body points must reach both of its ends.
     oy = observed_points[:, 1]
-    lo, hi = np.percentile(oy, 0.5), np.percentile(oy, 99.5)
-    for end, y in (("cranial", cr), ("caudal", ca)):
-        if not lo - 30.0 <= y <= hi + 30.0:
+    lo, hi = np.percentile(oy, 0.1), np.percentile(oy, 99.9)
+    for end, y in (("cranial", cr0), ("caudal", ca0)):
+        if not lo - 50.0 <= y <= hi + 50.0:
             raise PlanRefused("REGION_NOT_VISIBLE", f"the {protocol.name} region's {end} end is outside the "
                                                     f"camera's view of the patient")
 
@@ -211,13 +212,31 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
 
 
 def patient_moved(plan_vertices: np.ndarray, faces: np.ndarray, new_points: np.ndarray,
-                  threshold_mm: float = 10.0) -> tuple[bool, float]:
-    """Has the patient moved since the plan's capture? (moved, median distance mm of the new
-    capture's body points to the plan's body surface). Points in S, same table state."""
+                  shift_mm: float = 10.0, turn_deg: float = 2.0, residual_mm: float = 8.0) -> tuple[bool, str]:
+    """Has the patient moved since the plan's capture? (moved, one-line description).
+
+    The new capture's body points (N, 3), S, same table state, are registered to the
+    plan's body with Open3D's point-to-plane ICP: a rigid shift or turn of the whole
+    body shows in the transform (a slide along the body, invisible to point distances
+    alone, moves the head, feet and arms); a limb moved shows in the residual.
+    """
     import open3d as o3d
 
+    mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(plan_vertices.astype(np.float64)),
+                                     o3d.utility.Vector3iVector(faces.astype(np.int32)))
+    mesh.compute_vertex_normals()
+    target = o3d.geometry.PointCloud(mesh.vertices)
+    target.normals = mesh.vertex_normals
+    source = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(new_points.astype(np.float64)))
+    reg = o3d.pipelines.registration.registration_icp(
+        source, target, 60.0, np.eye(4), o3d.pipelines.registration.TransformationEstimationPointToPlane(),
+        o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=60))
+    t = reg.transformation
+    shift = float(np.linalg.norm(t[:3, 3] + t[:3, :3] @ new_points.mean(0) - new_points.mean(0)))
+    turn = float(np.degrees(np.arccos(np.clip((np.trace(t[:3, :3]) - 1) / 2, -1, 1))))
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(o3d.core.Tensor(plan_vertices.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32)))
-    d = scene.compute_distance(o3d.core.Tensor(new_points.astype(np.float32))).numpy()
-    med = float(np.median(d))
-    return med > threshold_mm, med
+    aligned = new_points @ t[:3, :3].T + t[:3, 3]
+    resid = float(np.median(scene.compute_distance(o3d.core.Tensor(aligned.astype(np.float32))).numpy()))
+    moved = shift > shift_mm or turn > turn_deg or resid > residual_mm
+    return moved, f"body shifted {shift:.0f} mm, turned {turn:.1f} deg, surface residual {resid:.1f} mm"

@@ -1,0 +1,176 @@
+"""Planning: protocols, the plan's geometry and refusals, and `ctpos plan` / `ctpos eval` as a user runs them."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from positioning.plan import PlanRefused, ScannerSpec, load_protocol, make_plan, ssde_factor
+from positioning.poses import POSITION_ROTATIONS, canonical_pose
+from positioning.skeleton import NUM_JOINTS
+
+REQUIRED = {"protocol", "patient_position", "table_height_mm", "body_thickness_mm", "iso_offset_lateral_mm",
+            "scan_range_scanner_mm", "scan_range_table_mm", "landmarks_scanner_mm", "confidence", "warnings",
+            "timing_ms"}
+
+
+def test_protocols_are_data_and_user_extendable(tmp_path, monkeypatch):
+    for name in ("chest", "abdomen", "chest_abdomen_pelvis", "head", "whole_body"):
+        assert load_protocol(name).name == name
+    with pytest.raises(PlanRefused, match="unknown protocol 'spine'"):
+        load_protocol("spine")
+    (tmp_path / "spine.toml").write_text('name = "spine"\ncranial = { level = "lung_apex", margin_mm = 5 }\n'
+                                         'caudal = { level = "symphysis", margin_mm = 5 }\n')
+    (tmp_path / "bad.toml").write_text('name = "bad"\ncranial = { level = "knee", margin_mm = 5 }\n'
+                                       'caudal = { level = "soles", margin_mm = 5 }\n')
+    monkeypatch.setenv("CTPOS_PROTOCOLS", str(tmp_path))
+    assert load_protocol("spine").caudal_level == "symphysis"
+    with pytest.raises(PlanRefused, match="unknown level 'knee'"):
+        load_protocol("bad")
+
+
+def test_ssde_factor_matches_aapm_204():
+    assert abs(ssde_factor(20.0, 32) - 1.78) < 0.03  # Report 204, 32 cm phantom
+    assert abs(ssde_factor(30.0, 32) - 1.23) < 0.03
+    assert abs(ssde_factor(15.0, 16) - 1.05) < 0.03  # 16 cm phantom
+
+
+def _body(model, position, long_mm=-1000.0, height_mm=250.0, arms="down"):
+    """A model body lying on a 60 mm mattress: (vertices, joints, landmarks, dominant joint, points) in S."""
+    from positioning.anatomy import posed_levels
+    from smplx.lbs import batch_rigid_transform, batch_rodrigues
+
+    pose = torch.as_tensor(canonical_pose(arms), dtype=torch.float32)
+    out = model.layer(betas=torch.zeros(1, 16), body_pose=pose[1:].reshape(1, -1))
+    r = POSITION_ROTATIONS[position]
+    v = out.vertices[0].detach().numpy().astype(float) @ r.T * 1000
+    j = out.joints[0].detach().numpy().astype(float) @ r.T * 1000
+    v_sh = model.layer.v_template.numpy()
+    rest_j = model.data.J_regressor @ v_sh
+    rot = batch_rodrigues(pose.double()).reshape(1, NUM_JOINTS, 3, 3)
+    _, rel = batch_rigid_transform(rot, torch.as_tensor(rest_j[None], dtype=torch.float64),
+                                   torch.as_tensor(np.array(model.layer.parents)), dtype=torch.float64)
+    lv = {k: p @ r.T * 1000 for k, p in posed_levels(rest_j, rel[0].numpy()).items()}
+    lv["vertex"] = v[model.landmark_vertex_ids["vertex"]]
+    lv.update({n: j[24 + i] for i, n in enumerate(("nose", "reye", "leye", "rear", "lear"))})
+    shift = np.array([0.0, long_mm - 300.0 - v[:, 1].max(), 60.0 - height_mm - v[:, 2].min()])
+    v, j = v + shift, j[:24] + shift
+    lv = {k: p + shift for k, p in lv.items()}
+    pts = v[v[:, 2] > 60.0 - height_mm + 25.0]  # what segmentation keeps: 25 mm and more above the mattress
+    return v, j, lv, model.data.weights.argmax(1), pts
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP"])
+def test_chest_plan_geometry(body_model, position):
+    v, j, lv, dom, pts = _body(body_model, position)
+    p = make_plan(load_protocol("chest"), v, j, lv, dom, position, 0.9, 5.0, pts, 250.0, -1000.0)
+    hd = 1 if position.startswith("H") else -1
+    # Cranial end is towards the head and 10 mm beyond the apex; the range is an adult's lungs.
+    assert (p.scan_range_scanner_mm["cranial"] - lv["lung_apex"][1]) * hd == pytest.approx(10.0, abs=0.01)
+    assert 200 < abs(p.scan_range_scanner_mm["cranial"] - p.scan_range_scanner_mm["caudal"]) < 360
+    assert p.scan_range_table_mm["cranial"] == pytest.approx(p.scan_range_scanner_mm["cranial"] + 1000.0)
+    # The ISO height brings the chest's AP middle to z = 0.
+    yc = np.mean(list(p.scan_range_scanner_mm.values()))
+    s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23])]
+    assert 0.5 * (s[:, 2].max() + s[:, 2].min()) + (250.0 - p.table_height_mm) == pytest.approx(0.0, abs=0.5)
+    assert 150 < p.body_thickness_mm < 300 and 0.8 < p.ssde_conversion_factor < 2.5
+    assert p.bore_clearance_mm > 20 and set(p.to_json()) >= REQUIRED
+
+
+def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
+    v, j, lv, dom, pts = _body(body_model, "FFS", long_mm=-1000.0)
+    spec = ScannerSpec(longitudinal_min_mm=-1000.0)  # cannot bring the head end in far enough
+    p = make_plan(load_protocol("whole_body"), v, j, lv, dom, "FFS", 0.9, 5.0, pts, 250.0, -1000.0, spec)
+    assert any(w["code"] == "RANGE_CLIPPED" for w in p.warnings)
+
+
+@pytest.mark.parametrize("spec, code", [(ScannerSpec(bore_diameter_mm=450.0), "bore"),
+                                        (ScannerSpec(height_max_mm=150.0), "outside the table")])
+def test_unsafe_plans_are_refused(body_model, spec, code):
+    v, j, lv, dom, pts = _body(body_model, "HFS", arms="up")
+    with pytest.raises(PlanRefused, match=code):
+        make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, pts, 250.0, -1000.0, spec)
+
+
+def test_region_out_of_view_is_refused(body_model):
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    legs_only = pts[pts[:, 1] < j[0, 1]]  # the camera saw only the legs
+    with pytest.raises(PlanRefused, match="outside the camera's view"):
+        make_plan(load_protocol("head"), v, j, lv, dom, "HFS", 0.9, 5.0, legs_only, 250.0, -1000.0)
+
+
+def test_patient_moved_is_detected(body_model):
+    from positioning.plan import patient_moved
+
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    rng = np.random.default_rng(0)
+    noisy = pts + rng.normal(0, 3.0, pts.shape)
+    assert patient_moved(v, body_model.faces, noisy)[0] is False
+    moved, why = patient_moved(v, body_model.faces, noisy + np.array([0.0, 40.0, 0.0]))  # slid 4 cm
+    assert moved and "shifted" in why
+    c, s_ = np.cos(np.radians(4)), np.sin(np.radians(4))
+    centre = pts.mean(0)
+    turned = (noisy - centre) @ np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]]).T + centre
+    assert patient_moved(v, body_model.faces, turned)[0] is True
+
+
+def ctpos(*args):
+    return subprocess.run([sys.executable, "-m", "ctpos", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_ctpos_plan_prints_the_conventions_json(sim_cases):
+    r = ctpos("plan", str(sim_cases[0]), "--protocol", "chest", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert REQUIRED <= set(plan) and r.stdout.count("\n") == 1
+    for k in ("vertex", "neck", "shoulder_left", "shoulder_right", "hip_left", "hip_right", "knee_left",
+              "knee_right", "ankle_left", "ankle_right"):
+        assert len(plan["landmarks_scanner_mm"][k]) == 3
+    assert all({"code", "message"} <= set(w) for w in plan["warnings"])
+
+
+def _broken(sim_cases, tmp_path, how):
+    case = tmp_path / "case"
+    shutil.copytree(sim_cases[0], case)
+    if how == "missing depth":
+        (case / "depth.png").unlink()
+    elif how == "corrupt depth":
+        (case / "depth.png").write_bytes(b"garbage")
+    elif how == "all-zero depth":
+        cv2.imwrite(str(case / "depth.png"), np.zeros((480, 848), np.uint16))
+    elif how == "non-finite JSON":
+        (case / "scene.json").write_text((case / "scene.json").read_text().replace('"table_height_mm": ',
+                                                                                  '"table_height_mm": NaN, "x": '))
+    return case
+
+
+@pytest.mark.parametrize("how, expect", [("missing depth", "missing"), ("corrupt depth", "not a readable PNG"),
+                                         ("all-zero depth", "of the depth image holds data"),
+                                         ("non-finite JSON", "non-finite")])
+def test_bad_captures_exit_nonzero_with_one_line(sim_cases, tmp_path, how, expect):
+    r = ctpos("plan", str(_broken(sim_cases, tmp_path, how)), "--protocol", "chest", "--json")
+    assert r.returncode != 0 and r.stdout == ""
+    assert expect in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_empty_table_exits_nonzero(body_model, tmp_path):
+    from positioning.capture import write_capture
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    cap, _ = simulate(sample_scene(5, load_config(None), body_model.data.train["betas"]), body_model,
+                      with_patient=False)
+    r = ctpos("plan", str(write_capture(tmp_path / "empty", cap)), "--protocol", "chest")
+    assert r.returncode != 0 and "no patient on the table" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_ctpos_eval_prints_the_accuracy_table(sim_cases):
+    r = ctpos("eval", str(sim_cases[0].parent), "--protocol", "chest")
+    assert r.returncode == 0, r.stderr
+    assert "table height error" in r.stdout and "patient position correct" in r.stdout
