@@ -116,9 +116,9 @@ def _eval(args: argparse.Namespace) -> int:
         over_cr = (pr["cranial"] - t["cranial_y_mm"]) * hd
         over_ca = (t["caudal_y_mm"] - pr["caudal"]) * hd
         rows.append({"case": case.name, "position_ok": plan.patient_position == truth["patient_position"],
-                     "height_err": plan.table_height_mm - t["ideal_table_height_mm"],
-                     "overscan_cranial": over_cr, "overscan_caudal": over_ca,
-                     "covered": bool(over_cr >= -5.0 and over_ca >= -5.0), "ms": plan.timing_ms["total"]})
+                     "height_err": float(plan.table_height_mm - t["ideal_table_height_mm"]),
+                     "overscan_cranial": float(over_cr), "overscan_caudal": float(over_ca),
+                     "covered": bool(over_cr >= -5.0 and over_ca >= -5.0), "ms": float(plan.timing_ms["total"])})
     ok = [r for r in rows if "refused" not in r]
     print(f"protocol {args.protocol}: {len(rows)} captures, {len(rows) - len(ok)} refused")
     if ok:
