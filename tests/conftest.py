@@ -16,6 +16,13 @@ def body_model():
 
 
 @pytest.fixture(scope="session")
+def keypoint_net():
+    from positioning.keypoints import load_keypoint_net
+
+    return load_keypoint_net()
+
+
+@pytest.fixture(scope="session")
 def sim_cases(tmp_path_factory, body_model):
     """Three simulated capture folders: HFS arms up, FFP arms down, HFS knees bent with a blanket."""
     from positioning.capture import write_capture

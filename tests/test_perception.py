@@ -12,6 +12,7 @@ import torch
 
 from positioning.capture import read_capture, read_truth
 from positioning.fit import fit_body
+from positioning.perceive import perceive
 from positioning.segment import SegmentationError, segment_patient
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
@@ -85,18 +86,27 @@ def test_a_second_person_is_refused(body_model):
         segment_patient(cap)
 
 
-@pytest.mark.parametrize("case_index", [0, 1])
-def test_fit_finds_the_position_and_the_joints(sim_cases, body_model, case_index):
-    """Regression guard of the current fitter (docs/perception.md has the full accuracy table)."""
+@pytest.mark.parametrize("case_index", [0, 1, 2])
+def test_perception_finds_the_position_and_the_joints(sim_cases, body_model, keypoint_net, case_index):
+    """Regression guard of the product path, keypoints then fit (docs/perception.md has the full table)."""
     cap, t = read_capture(sim_cases[case_index]), read_truth(sim_cases[case_index])
+    res = perceive(cap, body_model, keypoint_net)
+    assert res.patient_position == t["patient_position"]
+    truth = np.array([t["joints_scanner_mm"][n] for n in JOINT_NAMES])
+    err = np.linalg.norm(res.joints - truth, axis=1)
+    assert np.median(err) < 60, err.round()
+    assert res.vertices.shape == (body_model.data.v_template.shape[0], 3)
+    assert res.residual_mm < 25
+
+
+def test_fit_without_keypoints_still_fits_a_supine_patient(sim_cases, body_model):
+    """The depth-only fitter (all four positions tried) on the supine arms-up case."""
+    cap, t = read_capture(sim_cases[0]), read_truth(sim_cases[0])
     seg = segment_patient(cap)
     res = fit_body(body_model, seg.points_s, seg.support_z_s)
     assert res.patient_position == t["patient_position"]
     truth = np.array([t["joints_scanner_mm"][n] for n in JOINT_NAMES])
-    err = np.linalg.norm(res.joints - truth, axis=1)
-    assert np.median(err) < 120, err.round()
-    assert res.vertices.shape == (body_model.data.v_template.shape[0], 3)
-    assert res.residual_mm < 25
+    assert np.median(np.linalg.norm(res.joints - truth, axis=1)) < 120
 
 
 def test_fit_cli(sim_cases, tmp_path):
