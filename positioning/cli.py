@@ -50,14 +50,22 @@ def _fit(args: argparse.Namespace) -> int:
 
 def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None):
     """Read, perceive and plan one capture folder: (Plan, Perception). Raises typed errors with one line."""
-    from positioning.bodymodel import load_body_model
     from positioning.capture import read_capture
+
+    t0 = time.perf_counter()
+    cap = read_capture(folder)
+    read_ms = (time.perf_counter() - t0) * 1000
+    return plan_from_capture(cap, protocol, model, net, spec, read_ms)
+
+
+def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0):
+    """Perceive and plan one Capture already in memory: (Plan, Perception), timings per stage in the plan."""
+    from positioning.bodymodel import load_body_model
     from positioning.perceive import perceive
     from positioning.plan import ScannerSpec, load_protocol, make_plan
 
     t0 = time.perf_counter()
     proto = load_protocol(protocol)
-    cap = read_capture(folder)
     model = model or load_body_model()
     t1 = time.perf_counter()
     per = perceive(cap, model, net)
@@ -67,8 +75,8 @@ def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None):
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
                      cap.scene.table_height_mm, cap.scene.table_longitudinal_mm, spec or ScannerSpec(), warnings)
     t3 = time.perf_counter()
-    timing = {"read_and_load": (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
-              "total": (t3 - t0) * 1000}
+    timing = {"read_and_load": read_ms + (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
+              "total": read_ms + (t3 - t0) * 1000}
     return dataclasses.replace(plan, timing_ms=timing), per
 
 

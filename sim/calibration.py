@@ -158,3 +158,22 @@ def write_session(out: Path, scene: CalibrationScene, spec: BoardSpec = BoardSpe
                "board": spec.to_json(), "views": views, "simulated": asdict(scene)}
     (out / "session.json").write_text(json.dumps(session, indent=1) + "\n")
     return out
+
+
+def patient_on_mount(p, scene: CalibrationScene):
+    """Scene params p (a patient scene) seen by this session's camera: same mount, intrinsics and noise.
+
+    The table stays where p has it; the camera's table-relative parameters are
+    recomputed so that its pose in S is the session's true mount.
+    """
+    from sim.scene import with_table_at
+
+    hs = [h for h, _ in scene.table_positions]
+    ls = [lo for _, lo in scene.table_positions]
+    at_session = replace(p, table_height_mm=float(np.mean(hs)), table_longitudinal_mm=float(np.mean(ls)),
+                         camera_height_mm=scene.camera_height_mm, camera_tilt_deg=scene.camera_tilt_deg,
+                         camera_roll_deg=scene.camera_roll_deg, camera_lateral_mm=scene.camera_lateral_mm,
+                         camera_target_y_mm=scene.camera_target_y_mm, fx=scene.fx,
+                         principal_offset_px=scene.principal_offset_px, noise_subpixel=scene.noise_subpixel,
+                         noise_wave_mm=scene.noise_wave_mm, bore_diameter_mm=scene.bore_diameter_mm)
+    return with_table_at(at_session, p.table_height_mm, p.table_longitudinal_mm)

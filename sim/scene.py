@@ -136,3 +136,19 @@ def sample_scene(seed: int, cfg: dict[str, Any], train_betas: np.ndarray) -> Sce
     return SceneParams(seed=seed, betas=tuple(float(x) for x in b), pose_seed=int(rng.integers(2**31)), source_body=src,
                        anny_phenotype=phen, **{k: (bool(v) if k in ("blanket", "gown") else v)
                                                for k, v in vals.items()})
+
+
+def with_table_at(p: SceneParams, height_mm: float, longitudinal_mm: float) -> SceneParams:
+    """The same scene with the table (and the patient on it) moved; the ceiling camera stays where it is.
+
+    The camera's parameters are relative to the table (height above the tabletop, target
+    on the table), so they change by the table's motion; its pose in S does not.
+    """
+    import dataclasses
+    import math
+
+    dh, dl = height_mm - p.table_height_mm, longitudinal_mm - p.table_longitudinal_mm
+    tan_t = math.tan(math.radians(p.camera_tilt_deg))
+    return dataclasses.replace(p, table_height_mm=float(height_mm), table_longitudinal_mm=float(longitudinal_mm),
+                               camera_height_mm=p.camera_height_mm + dh,
+                               camera_target_y_mm=p.camera_target_y_mm - dl + dh * tan_t)
