@@ -103,7 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     from positioning.bodymodel import load_body_model
     from positioning.capture import CaptureError, read_truth
     from positioning.keypoints import load_keypoint_net
-    from positioning.plan import PlanRefused
+    from positioning.plan import PlanRefused, ScannerSpec
     from positioning.segment import SegmentationError
 
     model, net = load_body_model(), load_keypoint_net()
@@ -114,7 +114,9 @@ def _eval(args: argparse.Namespace) -> int:
     for case in cases:
         truth = read_truth(case)
         try:
-            plan, _ = plan_capture(case, args.protocol, model, net)
+            # The simulated scanner's own bore (a real site configures its scanner's).
+            spec = ScannerSpec(bore_diameter_mm=truth["scene"]["bore_diameter_mm"])
+            plan, _ = plan_capture(case, args.protocol, model, net, spec)
         except (PlanRefused, SegmentationError, CaptureError) as exc:
             rows.append({"case": case.name, "refused": str(exc)})
             continue

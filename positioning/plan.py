@@ -45,14 +45,19 @@ class Protocol:
 
 @dataclass(frozen=True)
 class ScannerSpec:
-    """What the plan must fit: table travel (CONVENTIONS semantics, mm) and the bore."""
+    """What the plan must fit: table travel (CONVENTIONS semantics, mm) and the bore.
+
+    height_min/max_mm: the heights at which the tabletop may enter the bore (the
+    daemon's TableLimits bore band); the plan's height is always an in-bore height.
+    """
 
     height_min_mm: float = 80.0
-    height_max_mm: float = 480.0
+    height_max_mm: float = 280.0
     longitudinal_min_mm: float = -1800.0
     longitudinal_max_mm: float = 2000.0
     bore_diameter_mm: float = 700.0
     clearance_margin_mm: float = 20.0
+    gantry_face_y_mm: float = -420.0  # y_S of the gantry housing's table-side face; beyond it is the bore
 
 
 @dataclass(frozen=True)
@@ -185,16 +190,15 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         if abs(gap) > 15.0:
             warnings.append({"code": "MESH_DEPTH_DISAGREE", "message": f"the fitted body's front is {gap:+.0f} mm "
                                                                         f"off the measured surface at the ISO slab"})
-    if not spec.height_min_mm <= plan_height <= spec.height_max_mm:
-        raise PlanRefused("TABLE_HEIGHT_OUT_OF_RANGE", f"the ISO-centre table height {plan_height:.0f} mm is outside "
+    iso_height = plan_height
+    if not spec.height_min_mm <= iso_height <= spec.height_max_mm:
+        raise PlanRefused("TABLE_HEIGHT_OUT_OF_RANGE", f"the ISO-centre table height {iso_height:.0f} mm is outside "
                                                        f"the table's {spec.height_min_mm:.0f}-{spec.height_max_mm:.0f} mm")
-    # Bore clearance at the planned height, arms included.
-    dz = table_height_mm - plan_height
-    r = np.hypot(vertices[:, 0], vertices[:, 2] + dz)
-    clearance = spec.bore_diameter_mm / 2.0 - float(r.max())
-    if clearance < spec.clearance_margin_mm:
-        raise PlanRefused("BORE_COLLISION", f"at the planned height the body comes within {clearance:.0f} mm of the "
-                                            f"bore (margin {spec.clearance_margin_mm:.0f} mm): reposition the arms")
+    plan_height, clearance = bore_safe_height(vertices, iso_height, table_height_mm, clipped, spec)
+    if abs(plan_height - iso_height) > 0.5:
+        warnings.append({"code": "ISO_COMPROMISED", "message": f"table set {plan_height - iso_height:+.0f} mm from the "
+                                                                f"ISO-centre height to keep {spec.clearance_margin_mm:.0f} "
+                                                                f"mm from the bore"})
     if abs(x_c) > 30.0:
         warnings.append({"code": "LATERAL_OFFSET", "message": f"the patient lies {x_c:+.0f} mm off the isocenter "
                                                                f"laterally; the table cannot correct it"})
@@ -209,6 +213,35 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
                 {"cranial": clipped["cranial"], "caudal": clipped["caudal"]},
                 {"cranial": clipped["cranial"] - table_longitudinal_mm, "caudal": clipped["caudal"] - table_longitudinal_mm},
                 lm, confidence, d_eff, ssde_factor(d_eff / 10.0, protocol.phantom_cm), clearance, warnings)
+
+
+def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],
+                     spec: ScannerSpec) -> tuple[float, float]:
+    """(table height, bore clearance mm): the ISO height if the body clears the bore there, else the nearest that does.
+
+    Only the part of the body that reaches the gantry during the move and the scan
+    counts (vertices (V, 3) mm, frame S at capture; range_s the scan's ends in S at
+    capture). Raises PlanRefused when no reachable height clears the bore by the margin.
+    """
+    advance = max(-range_s["cranial"], -range_s["caudal"])  # furthest table advance, mm along +y
+    passing = vertices[vertices[:, 1] + advance >= spec.gantry_face_y_mm]
+    if len(passing) == 0:
+        return iso_height, spec.bore_diameter_mm / 2.0
+    r_bore = spec.bore_diameter_mm / 2.0
+    heights = np.concatenate([[iso_height], np.arange(spec.height_min_mm, spec.height_max_mm + 0.5, 1.0)])
+    # A higher table height lowers the body: z at height h is z + (table_height_mm - h).
+    x2 = passing[:, 0].astype(np.float64) ** 2
+    clear = np.array([r_bore - math.sqrt(float(np.max(x2 + (passing[:, 2] + table_height_mm - h) ** 2)))
+                      for h in heights])
+    if clear[0] >= spec.clearance_margin_mm:
+        return iso_height, float(clear[0])
+    ok = np.flatnonzero(clear[1:] >= spec.clearance_margin_mm)
+    if len(ok) == 0:
+        raise PlanRefused("BORE_COLLISION", f"the body comes within {clear[0]:.0f} mm of the bore at the ISO height and "
+                                            f"no table height keeps {spec.clearance_margin_mm:.0f} mm: reposition "
+                                            f"the arms or the patient")
+    best = ok[np.argmin(np.abs(heights[1:][ok] - iso_height))]
+    return float(heights[1 + best]), float(clear[1 + best])
 
 
 def patient_moved(plan_vertices: np.ndarray, faces: np.ndarray, new_points: np.ndarray,

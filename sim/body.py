@@ -60,7 +60,13 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
             w2 = _turn(w1.apply([sg, 0.0, 0.0]), fore) * w1
             _set(p, f"{side}_shoulder", w1.as_rotvec())
             _set(p, f"{side}_elbow", (w1.inv() * w2).as_rotvec())
-    if name == "knees_bent":
+    if name == "knees_bent" and prone:
+        # Prone, a cushion goes under the shins: hips straight, lower legs raised, the trunk on the mattress.
+        k = u(0.3, 0.6)
+        for s in ("left", "right"):
+            _set(p, f"{s}_knee", [k, 0, 0])
+            _set(p, f"{s}_ankle", [u(0.5, 0.9), 0, 0])
+    elif name == "knees_bent":
         h, k = u(0.35, 0.6), u(0.6, 1.0)
         for s in ("left", "right"):
             _set(p, f"{s}_hip", [-h, 0, 0])

@@ -163,11 +163,12 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     room = room_meshes(p.table_height_mm, p.table_longitudinal_mm, p.mattress_mm, p.bore_diameter_mm)
     meshes = room + ([body] if with_patient else []) + list(extra_meshes or [])
     if p.pose == "knees_bent" and with_patient:
-        knees = joints[[JOINT_INDEX["left_knee"], JOINT_INDEX["right_knee"]]]
-        near = np.abs(verts[:, 1] - knees[:, 1].mean()) < 60
+        # Supine, the cushion is under the knees; prone, under the raised shins.
+        ids = ["left_knee", "right_knee"] + (["left_ankle", "right_ankle"] if p.patient_position[2] == "P" else [])
+        y = joints[[JOINT_INDEX[j] for j in ids], 1].mean()
+        near = np.abs(verts[:, 1] - y) < 60
         top = verts[near, 2].min() if near.any() else mattress_top + 100
-        meshes.append(box([-220, knees[:, 1].mean() - 160, mattress_top], [220, knees[:, 1].mean() + 160, top],
-                          "cushion"))
+        meshes.append(box([-220, y - 160, mattress_top], [220, y + 160, top], "cushion"))
     head_dir = 1.0 if p.patient_position.startswith("H") else -1.0
     if p.blanket and with_patient:
         hips_y = 0.5 * (joints[JOINT_INDEX["left_hip"], 1] + joints[JOINT_INDEX["right_hip"], 1])

@@ -174,3 +174,21 @@ def test_ctpos_eval_prints_the_accuracy_table(sim_cases):
     r = ctpos("eval", str(sim_cases[0].parent), "--protocol", "chest")
     assert r.returncode == 0, r.stderr
     assert "table height error" in r.stdout and "patient position correct" in r.stdout
+
+
+def test_bore_clearance_moves_the_table_off_iso_only_as_far_as_needed():
+    from positioning.plan import bore_safe_height
+
+    # A box-shaped body 400 mm wide, from 100 mm below to 150 mm above the isocenter at height 200 mm,
+    # whose chest is scanned at y 0..-300; a point far down the table (feet side) never reaches the gantry.
+    g = np.stack(np.meshgrid(np.linspace(-200, 200, 9), np.linspace(-1000, 0, 11), np.linspace(-100, 150, 6)), -1)
+    v = np.concatenate([g.reshape(-1, 3), [[1000.0, -3000.0, 0.0]]])
+    spec = ScannerSpec(bore_diameter_mm=520.0, clearance_margin_mm=20.0)
+    rng = {"cranial": 0.0, "caudal": -300.0}
+    h, c = bore_safe_height(v, 200.0, 200.0, rng, spec)
+    # At ISO the top corners are at r = 250 > 240; they clear 240 once 17.3 mm lower (1 mm steps: 218 mm).
+    assert h == 218.0 and c >= 20.0
+    with pytest.raises(PlanRefused, match="no table height"):
+        bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=480.0))
+    h, c = bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=700.0))
+    assert h == 200.0 and c == pytest.approx(350.0 - np.hypot(200, 150), abs=0.01)
