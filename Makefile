@@ -29,7 +29,8 @@ test: setup
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/ctpos demo --out demo-report --seed $(SEED) --protocol $(PROTOCOL)
+	@# --simulated-technician: simulation only; ctpos plays the technician (approves, confirms the room clear).
+	$(VENV)/bin/ctpos -v demo --out demo-report --seed $(SEED) --protocol $(PROTOCOL) --simulated-technician
 
 bench: setup
 	$(PY) bench/run_all.py

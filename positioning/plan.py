@@ -77,6 +77,7 @@ class Plan:
     water_equivalent_diameter_mm: float
     ssde_conversion_factor: float
     bore_clearance_mm: float
+    move_table_height_mm: float
     warnings: list[dict[str, str]] = field(default_factory=list)
     timing_ms: dict[str, float] = field(default_factory=dict)
 
@@ -95,6 +96,7 @@ class Plan:
             "water_equivalent_diameter_mm": r(self.water_equivalent_diameter_mm),
             "ssde_conversion_factor": round(float(self.ssde_conversion_factor), 3),
             "bore_clearance_mm": r(self.bore_clearance_mm),
+            "move_table_height_mm": r(self.move_table_height_mm),
         }
 
 
@@ -181,7 +183,7 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     top, bottom = s[:, 2].max(), s[:, 2].min()
     z_c, x_c = 0.5 * (top + bottom), 0.5 * (s[:, 0].max() + s[:, 0].min())
     ap, lat = top - bottom, s[:, 0].max() - s[:, 0].min()
-    plan_height = table_height_mm + z_c
+    iso_height = table_height_mm + z_c
     # Cross-check the mesh against the measured surface in the same slab.
     near = observed_points[(np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM)
                            & (np.abs(observed_points[:, 0] - x_c) < lat / 2)]
@@ -190,13 +192,17 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         if abs(gap) > 15.0:
             warnings.append({"code": "MESH_DEPTH_DISAGREE", "message": f"the fitted body's front is {gap:+.0f} mm "
                                                                         f"off the measured surface at the ISO slab"})
-    iso_height = plan_height
     if not spec.height_min_mm <= iso_height <= spec.height_max_mm:
         raise PlanRefused("TABLE_HEIGHT_OUT_OF_RANGE", f"the ISO-centre table height {iso_height:.0f} mm is outside "
                                                        f"the table's {spec.height_min_mm:.0f}-{spec.height_max_mm:.0f} mm")
-    plan_height, clearance = bore_safe_height(vertices, iso_height, table_height_mm, clipped, spec)
-    if abs(plan_height - iso_height) > 0.5:
-        warnings.append({"code": "ISO_COMPROMISED", "message": f"table set {plan_height - iso_height:+.0f} mm from the "
+    try:
+        move_height, clearance = bore_safe_height(vertices, iso_height, table_height_mm, clipped, spec)
+    except PlanRefused as exc:
+        if abs(x_c) > 30.0:  # the commonest cure: the patient moves to the table's middle
+            raise PlanRefused(exc.code, f"{exc}; the patient lies {x_c:+.0f} mm off-centre") from None
+        raise
+    if abs(move_height - iso_height) > 0.5:
+        warnings.append({"code": "ISO_COMPROMISED", "message": f"table set {move_height - iso_height:+.0f} mm from the "
                                                                 f"ISO-centre height to keep {spec.clearance_margin_mm:.0f} "
                                                                 f"mm from the bore"})
     if abs(x_c) > 30.0:
@@ -209,10 +215,11 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     d_eff = math.sqrt(ap * lat)
     lm = {"vertex": landmarks["vertex"].tolist()}
     lm.update({k: joints[JOINT_INDEX[j]].tolist() for k, j in LANDMARK_JOINTS.items()})
-    return Plan(protocol.name, patient_position, plan_height, ap, lat, x_c,
+    return Plan(protocol.name, patient_position, iso_height, ap, lat, x_c,
                 {"cranial": clipped["cranial"], "caudal": clipped["caudal"]},
                 {"cranial": clipped["cranial"] - table_longitudinal_mm, "caudal": clipped["caudal"] - table_longitudinal_mm},
-                lm, confidence, d_eff, ssde_factor(d_eff / 10.0, protocol.phantom_cm), clearance, warnings)
+                lm, confidence, d_eff, ssde_factor(d_eff / 10.0, protocol.phantom_cm), clearance, move_height,
+                warnings)
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],
@@ -244,22 +251,22 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
     return float(heights[1 + best]), float(clear[1 + best])
 
 
-def patient_moved(plan_vertices: np.ndarray, faces: np.ndarray, new_points: np.ndarray,
-                  shift_mm: float = 10.0, turn_deg: float = 2.0, residual_mm: float = 8.0) -> tuple[bool, str]:
+def patient_moved(plan_points: np.ndarray, new_points: np.ndarray, shift_mm: float = 10.0, turn_deg: float = 2.0,
+                  far_mm: float = 25.0, far_fraction: float = 0.05) -> tuple[bool, str]:
     """Has the patient moved since the plan's capture? (moved, one-line description).
 
-    The new capture's body points (N, 3), S, same table state, are registered to the
-    plan's body with Open3D's point-to-plane ICP: a rigid shift or turn of the whole
-    body shows in the transform (a slide along the body, invisible to point distances
-    alone, moves the head, feet and arms); a limb moved shows in the residual.
+    Measurement against measurement: the new capture's body points (N, 3) are
+    registered to the plan capture's (M, 3) (both mm, frame S, same table state)
+    with Open3D's point-to-plane ICP. A rigid shift or turn of the whole body shows
+    in the transform (a slide along the body moves the head, feet and arms); a limb
+    moved shows as a share of points left far from the old surface after alignment.
+    The fitted mesh is not used: its own fit error would read as motion.
     """
     import open3d as o3d
 
-    mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(plan_vertices.astype(np.float64)),
-                                     o3d.utility.Vector3iVector(faces.astype(np.int32)))
-    mesh.compute_vertex_normals()
-    target = o3d.geometry.PointCloud(mesh.vertices)
-    target.normals = mesh.vertex_normals
+    target = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(plan_points.astype(np.float64)))
+    target.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(20))
+    target.orient_normals_towards_camera_location(np.array([0.0, 0.0, 5000.0]))
     source = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(new_points.astype(np.float64)))
     reg = o3d.pipelines.registration.registration_icp(
         source, target, 60.0, np.eye(4), o3d.pipelines.registration.TransformationEstimationPointToPlane(),
@@ -267,9 +274,6 @@ def patient_moved(plan_vertices: np.ndarray, faces: np.ndarray, new_points: np.n
     t = reg.transformation
     shift = float(np.linalg.norm(t[:3, 3] + t[:3, :3] @ new_points.mean(0) - new_points.mean(0)))
     turn = float(np.degrees(np.arccos(np.clip((np.trace(t[:3, :3]) - 1) / 2, -1, 1))))
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(plan_vertices.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32)))
-    aligned = new_points @ t[:3, :3].T + t[:3, 3]
-    resid = float(np.median(scene.compute_distance(o3d.core.Tensor(aligned.astype(np.float32))).numpy()))
-    moved = shift > shift_mm or turn > turn_deg or resid > residual_mm
-    return moved, f"body shifted {shift:.0f} mm, turned {turn:.1f} deg, surface residual {resid:.1f} mm"
+    far = float(np.mean(np.asarray(source.transform(t).compute_point_cloud_distance(target)) > far_mm))
+    moved = shift > shift_mm or turn > turn_deg or far > far_fraction
+    return moved, f"body shifted {shift:.0f} mm, turned {turn:.1f} deg, {far * 100:.0f} % of the surface moved"

@@ -283,8 +283,8 @@ class Daemon:
             lim = self.adapter.limits()
             start, end = self._plan_ends(plan)
             try:
-                lim.check_target(plan["table_height_mm"], start)
-                lim.check_target(plan["table_height_mm"], end)
+                lim.check_target(self._plan_height(plan), start)
+                lim.check_target(self._plan_height(plan), end)
             except LimitError as exc:
                 raise CommandError(ErrorCode.LIMIT, f"plan cannot be run: {exc}") from None
             self._fire(Event.LOAD_PLAN, who, f"plan {env.id}")
@@ -297,7 +297,7 @@ class Daemon:
             if self.plan is None:
                 raise CommandError(ErrorCode.ILLEGAL_STATE, "no plan loaded")
             start, _ = self._plan_ends(self.plan)
-            return self._start_move(float(self.plan["table_height_mm"]), start, who, True)
+            return self._start_move(self._plan_height(self.plan), start, who, True)
         if t == "start_scan":
             return self._start_scan(b, who)
         if t == "abort_scan":
@@ -307,6 +307,11 @@ class Daemon:
             self._fire(Event.ABORT_SCAN, who, b.get("reason") or "abort")
             return {"state": self.fsm.state.value}
         raise CommandError(ErrorCode.UNKNOWN_TYPE, f"no handler for {t!r}")
+
+    @staticmethod
+    def _plan_height(plan: dict) -> float:
+        """The height to drive to: the ISO height unless the plan moved it to clear the bore."""
+        return float(plan.get("move_table_height_mm", plan["table_height_mm"]))
 
     @staticmethod
     def _plan_ends(plan: dict) -> tuple[float, float]:
@@ -357,7 +362,7 @@ class Daemon:
             raise CommandError(ErrorCode.INTERLOCK, "the operator has not confirmed the room is clear")
         start, end = self._plan_ends(self.plan)
         st = self.last_status
-        if (abs(st.table_height_mm - self.plan["table_height_mm"]) > POSITION_TOL_MM
+        if (abs(st.table_height_mm - self._plan_height(self.plan)) > POSITION_TOL_MM
                 or abs(st.table_longitudinal_mm - start) > POSITION_TOL_MM):
             raise CommandError(ErrorCode.INTERLOCK, "table is not at the planned position")
         try:

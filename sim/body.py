@@ -34,8 +34,8 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
     """(69,) SMPL body pose for a named CT pose with per-patient jitter (radians)."""
     p = np.zeros(69)
     u = rng.uniform
-    arms = name if name in ("arms_up", "hands_on_belly") else ("hands_on_belly" if u() < 0.3 and name == "knees_bent"
-                                                              else "arms_down")
+    arms = name if name in ("arms_up", "hands_on_belly") else (
+        "hands_on_belly" if u() < 0.3 and name == "knees_bent" and not prone else "arms_down")
     if arms == "arms_down":
         a = u(1.25, 1.45)
         _set(p, "left_shoulder", [0, 0, -a])

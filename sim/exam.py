@@ -36,11 +36,12 @@ import numpy as np
 
 log = logging.getLogger("ctpos.exam")
 
-# The default demo patient: obese, feet first, arms raised, table lowered for getting on.
+# The default demo patient: obese, feet first, arms raised, table lowered for getting on, lying near the
+# middle as the room's prompts ask; a wide-bore (780 mm) scanner, as sites choose for obese patients.
 DEMO_PATIENT: dict[str, Any] = {"patient_position": "FFS", "pose": "arms_up", "blanket": False,
                                 "table_height_mm": [380.0, 450.0], "table_longitudinal_mm": [-1200.0, -950.0],
-                                "bore_diameter_mm": 700.0}
-DEMO_MIN_BMI = 30.0
+                                "lateral_offset_mm": [-30.0, 30.0], "yaw_deg": [-4.0, 4.0], "bore_diameter_mm": 780.0}
+DEMO_BMI = (30.0, 36.0)  # obese, class I (class II and above often need a wider bore than 780 mm here)
 MOVE_TIMEOUT_S = 120.0
 
 
@@ -58,7 +59,7 @@ class ExamConfig:
     simulated_technician: bool = False
     patient: dict[str, Any] = field(default_factory=dict)
     calibration_longs: int = 3
-    calibration_heights: tuple[float, ...] = (150.0, 330.0)
+    calibration_heights: tuple[float, ...] = (150.0, 240.0, 330.0)
 
 
 @dataclass
@@ -300,7 +301,7 @@ def run_exam(cfg: ExamConfig) -> dict:
 
             # The patient, drawn from the seed: an obese body unless overridden, under the calibrated camera.
             train = model.data.train
-            pool = train["betas"][train["bmi"] >= DEMO_MIN_BMI]
+            pool = train["betas"][(train["bmi"] >= DEMO_BMI[0]) & (train["bmi"] < DEMO_BMI[1])]
             scene_cfg = {**load_config(None), **DEMO_PATIENT, **cfg.patient}
             params = patient_on_mount(sample_scene(cfg.seed, scene_cfg, pool), scene)
             st = con.move_table("loading position", params.table_height_mm, params.table_longitudinal_mm)
@@ -323,7 +324,7 @@ def run_exam(cfg: ExamConfig) -> dict:
             check, _ = _capture(dataclasses.replace(params, seed=params.seed + 2), model, cal, scene.serial, None,
                                 f"exam-{cfg.seed}-check")
             try:
-                moved, how = patient_moved(per.vertices, model.faces, segment_patient(check).points_s)
+                moved, how = patient_moved(per.segmentation.points_s, segment_patient(check).points_s)
             except SegmentationError as exc:
                 raise ExamError(f"movement check: {exc}") from None
             if moved:

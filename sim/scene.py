@@ -125,6 +125,8 @@ def sample_scene(seed: int, cfg: dict[str, Any], train_betas: np.ndarray) -> Sce
     """Draw one scene. Bodies: a training body of the shape space, jittered (0.15 sd per beta)."""
     rng = np.random.default_rng(seed)
     vals = {k: _draw(rng, cfg[k]) for k in DEFAULTS}
+    if vals["pose"] == "hands_on_belly" and vals["patient_position"].endswith("P"):
+        vals["pose"] = "arms_up"  # lying prone, the hands cannot rest on the belly: prone patients raise the arms
     src = int(rng.integers(len(train_betas)))
     b = train_betas[src] + rng.normal(0, 0.15, train_betas.shape[1])
     phen = {}

@@ -26,14 +26,14 @@ def processes_mentioning(text: str) -> list[str]:
 
 def test_small_exam_runs_through_and_centres_the_patient(tmp_path):
     out = tmp_path / "exam"
-    s = run_exam(ExamConfig(out=out, seed=3, simulated_technician=True, calibration_longs=2))
+    s = run_exam(ExamConfig(out=out, seed=3, simulated_technician=True))
     assert s["outcome"] == "scan done"
     assert s["plan_vs_truth"]["position_correct"]
     # Centring moved the region's centre from far off to near the isocentre (the accuracy table is in docs/).
     assert abs(s["iso_error_mm"]["before"]) > 100 and abs(s["iso_error_mm"]["after"]) < 20
     plan = json.loads((out / "plan.json").read_text())
     st = s["table_at_scan_start"]
-    assert abs(st["table_height_mm"] - plan["table_height_mm"]) < 1.0
+    assert abs(st["table_height_mm"] - plan["move_table_height_mm"]) < 1.0
     assert abs(st["table_longitudinal_mm"] + plan["scan_range_table_mm"]["cranial"]) < 1.0
     assert abs(s["table_at_scan_end"]["table_longitudinal_mm"] + plan["scan_range_table_mm"]["caudal"]) < 1.0
     for f in ("report.md", "capture.png", "side.png", "telemetry.png", "audit.json", "calibration.json",
@@ -54,7 +54,7 @@ def test_a_failing_step_names_itself_and_stops_the_daemon(tmp_path):
 
 def test_without_the_simulated_technician_nothing_moves_after_the_plan(tmp_path):
     out = tmp_path / "exam"
-    s = run_exam(ExamConfig(out=out, seed=4, calibration_longs=2))
+    s = run_exam(ExamConfig(out=out, seed=4))
     assert s["outcome"].startswith("plan ready") and "iso_error_mm" not in s
     assert (out / "plan.json").is_file() and (out / "report.md").is_file()
     assert not processes_mentioning(str(out))

@@ -1,6 +1,7 @@
 """Planning: protocols, the plan's geometry and refusals, and `ctpos plan` / `ctpos eval` as a user runs them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 from positioning.plan import PlanRefused, ScannerSpec, load_protocol, make_plan, ssde_factor
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
-from positioning.skeleton import NUM_JOINTS
+from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
 
 REQUIRED = {"protocol", "patient_position", "table_height_mm", "body_thickness_mm", "iso_offset_lateral_mm",
             "scan_range_scanner_mm", "scan_range_table_mm", "landmarks_scanner_mm", "confidence", "warnings",
@@ -111,13 +112,33 @@ def test_patient_moved_is_detected(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
     rng = np.random.default_rng(0)
     noisy = pts + rng.normal(0, 3.0, pts.shape)
-    assert patient_moved(v, body_model.faces, noisy)[0] is False
-    moved, why = patient_moved(v, body_model.faces, noisy + np.array([0.0, 40.0, 0.0]))  # slid 4 cm
+    assert patient_moved(pts, noisy)[0] is False
+    moved, why = patient_moved(pts, noisy + np.array([0.0, 40.0, 0.0]))  # slid 4 cm
     assert moved and "shifted" in why
     c, s_ = np.cos(np.radians(4)), np.sin(np.radians(4))
     centre = pts.mean(0)
     turned = (noisy - centre) @ np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]]).T + centre
-    assert patient_moved(v, body_model.faces, turned)[0] is True
+    assert patient_moved(pts, turned)[0] is True
+    # One forearm lifted 60 mm: the body as a whole stays, a share of its surface does not.
+    arm = np.isin(dom, [JOINT_INDEX["left_wrist"], JOINT_INDEX["left_elbow"], JOINT_INDEX["left_hand"]])
+    lifted = v + np.where(arm[:, None], [0.0, 0.0, 60.0], 0.0)
+    top = lifted[lifted[:, 2] > pts[:, 2].min()]
+    moved, why = patient_moved(pts, top)
+    assert moved and "surface moved" in why
+
+
+def test_two_captures_of_a_still_patient_are_not_motion(body_model):
+    """Fresh sensor noise on the same scene (what the exam's second capture sees) is not motion."""
+    from positioning.plan import patient_moved
+    from positioning.segment import segment_patient
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    p = sample_scene(21, {**load_config(None), "pose": "arms_up"}, body_model.data.train["betas"])
+    a = segment_patient(simulate(p, body_model)[0]).points_s
+    b = segment_patient(simulate(dataclasses.replace(p, seed=p.seed + 2), body_model)[0]).points_s
+    moved, why = patient_moved(a, b)
+    assert not moved, why
 
 
 def ctpos(*args):
