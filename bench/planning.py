@@ -1,0 +1,142 @@
+"""Planning accuracy, consistency and speed on held-out simulated captures (docs/planning.md quotes it).
+
+1. Accuracy: `plan` on N captures drawn with the default ranges (all bodies, poses,
+   positions, noise), against truth: ISO table height error, lung coverage and
+   overscan (chest), position, refusals and why.
+2. Consistency: K patients, each captured at three table longitudinal positions
+   (camera fixed in the room): spread of the table-frame range ends.
+3. Speed: `ctpos plan` as a fresh process (median of R runs) and in a running process.
+Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+SEED0 = 40_000_000
+
+
+def accuracy(model, net, n: int, protocol: str) -> dict:
+    from positioning.cli import plan_from_capture
+    from positioning.plan import PlanRefused, ScannerSpec
+    from positioning.segment import SegmentationError
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    cfg = load_config(None)
+    rows, refused = [], Counter()
+    for i in range(n):
+        p = sample_scene(SEED0 + i, cfg, model.data.train["betas"])
+        cap, t = simulate(p, model)
+        try:
+            plan, _ = plan_from_capture(cap, protocol, model, net, ScannerSpec(bore_diameter_mm=p.bore_diameter_mm))
+        except (PlanRefused, SegmentationError) as exc:
+            refused[getattr(exc, "code", "SEGMENTATION")] += 1
+            continue
+        reg = t["protocols"][protocol]
+        hd = 1.0 if t["patient_position"].startswith("H") else -1.0
+        pr = plan.scan_range_scanner_mm
+        rows.append({"pose": p.pose, "position": p.patient_position, "bmi": t["bmi"],
+                     "position_ok": plan.patient_position == t["patient_position"],
+                     "iso_err": plan.table_height_mm - reg["ideal_table_height_mm"],
+                     "over_cr": (pr["cranial"] - reg["cranial_y_mm"]) * hd,
+                     "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"]})
+    e = np.array([r["iso_err"] for r in rows])
+    cov = np.array([r["over_cr"] >= -5 and r["over_ca"] >= -5 for r in rows])
+    by = defaultdict(list)
+    for r in rows:
+        by[r["position"]].append(r["iso_err"])
+        by[r["pose"]].append(r["iso_err"])
+        by["BMI>=30" if r["bmi"] >= 30 else "BMI<30"].append(r["iso_err"])
+    return {"n": n, "planned": len(rows), "refused": dict(refused),
+            "iso_height_abs_err_mm": {"median": float(np.median(np.abs(e))), "p95": float(np.percentile(np.abs(e), 95)),
+                                      "signed_median": float(np.median(e))},
+            "covered_5mm": float(cov.mean()),
+            "overscan_mm": {"cranial_median": float(np.median([r["over_cr"] for r in rows])),
+                            "caudal_median": float(np.median([r["over_ca"] for r in rows]))},
+            "position_correct": float(np.mean([r["position_ok"] for r in rows])),
+            "in_process_ms_median": float(np.median([r["ms"] for r in rows])),
+            "iso_signed_median_by_group": {k: [len(v), float(np.median(v))] for k, v in sorted(by.items())}}
+
+
+def consistency(model, net, k: int, protocol: str) -> dict:
+    from positioning.cli import plan_from_capture
+    from positioning.plan import PlanRefused, ScannerSpec
+    from sim.scene import load_config, sample_scene, with_table_at
+    from sim.simulate import simulate
+
+    cfg = {**load_config(None), "table_longitudinal_mm": -1000.0}
+    spreads = []
+    for i in range(k):
+        p = sample_scene(SEED0 + 100_000 + i, cfg, model.data.train["betas"])
+        ends = []
+        for dl in (-150.0, 0.0, 150.0):
+            q = with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl)
+            cap, _ = simulate(q, model)
+            try:
+                plan, _ = plan_from_capture(cap, protocol, model, net, ScannerSpec(bore_diameter_mm=800.0))
+            except PlanRefused:
+                break
+            ends.append([plan.scan_range_table_mm["cranial"], plan.scan_range_table_mm["caudal"]])
+        if len(ends) == 3:
+            e = np.array(ends)
+            spreads.append(float((e.max(0) - e.min(0)).max()))
+    s = np.array(spreads)
+    return {"patients": len(spreads), "spread_mm_median": float(np.median(s)), "spread_mm_p95": float(np.percentile(s, 95)),
+            "within_5mm": float(np.mean(s <= 5.0))}
+
+
+def fresh_process(protocol: str, runs: int) -> dict:
+    from positioning.capture import write_capture
+    from positioning.bodymodel import load_body_model
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    model = load_body_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        p = sample_scene(SEED0 + 999, load_config(None), model.data.train["betas"])
+        cap, t = simulate(p, model)
+        case = write_capture(Path(tmp) / "case", cap, t)
+        wall, inner = [], []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "ctpos", "plan", str(case), "--protocol", protocol, "--json"],
+                               capture_output=True, text=True)
+            wall.append((time.perf_counter() - t0) * 1000)
+            if r.returncode == 0:
+                inner.append(json.loads(r.stdout)["timing_ms"]["total"])
+    return {"runs": runs, "wall_ms_median": float(np.median(wall)), "reported_total_ms_median": float(np.median(inner))}
+
+
+def main() -> None:
+    from positioning.bodymodel import load_body_model
+    from positioning.keypoints import load_keypoint_net
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--protocol", default="chest")
+    ap.add_argument("--out", default="bench/out/planning.json")
+    a = ap.parse_args()
+    model, net = load_body_model(), load_keypoint_net()
+    res = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
+           "protocol": a.protocol, "accuracy": accuracy(model, net, a.n, a.protocol),
+           "three_table_positions": consistency(model, net, a.k, a.protocol),
+           "fresh_process": fresh_process(a.protocol, a.runs)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
