@@ -32,18 +32,24 @@ def rig(tmp_path_factory):
         yield d, keys, sep
 
 
+def _still_and_clean(c) -> None:
+    c.request("stop")
+    st_ = c.request("status").body["state"]
+    if st_ == "estop":
+        c.request("reset_estop", {"reason": "test cleanup"})
+    elif st_ == "fault":
+        c.request("reset_fault", {"reason": "test cleanup"})
+
+
 @pytest.fixture
 def console(rig):
+    """A console on a still, clean daemon (the module-scoped fuzz client may have left it moving or faulted)."""
     d, keys, _ = rig
     c = client(d, keys)
+    _still_and_clean(c)
     yield c
-    try:  # leave the daemon still and clean for the next test
-        c.request("stop")
-        st_ = c.request("status").body["state"]
-        if st_ == "estop":
-            c.request("reset_estop", {"reason": "test cleanup"})
-        elif st_ == "fault":
-            c.request("reset_fault", {"reason": "test cleanup"})
+    try:
+        _still_and_clean(c)
     finally:
         c.close()
 
