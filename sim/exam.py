@@ -264,7 +264,7 @@ def run_exam(cfg: ExamConfig) -> dict:
     from positioning.plan import PlanRefused, ScannerSpec, load_protocol, patient_moved
     from positioning.segment import SegmentationError, segment_patient
     from scanner_bridge.keys import generate
-    from sim.calibration import patient_on_mount
+    from sim.calibration import camera_to_scanner, patient_on_mount
     from sim.exam_report import write_report
     from sim.scene import load_config, sample_scene, with_table_at
 
@@ -296,7 +296,7 @@ def run_exam(cfg: ExamConfig) -> dict:
             summary["calibration"] = {"views": len(scene.table_positions),
                                       "reprojection_rms_px": cal_report.get("reprojection_rms_px"),
                                       "translation_error_mm": float(np.linalg.norm(
-                                          cal.camera_to_scanner[:3, 3] - _true_mount(scene)[:3, 3]))}
+                                          cal.camera_to_scanner[:3, 3] - camera_to_scanner(scene)[:3, 3]))}
             t = stage("calibration", t)
 
             # The patient, drawn from the seed: an obese body unless overridden, under the calibrated camera.
@@ -363,12 +363,6 @@ def run_exam(cfg: ExamConfig) -> dict:
     summary["stages_s"]["total"] = round(time.monotonic() - t0, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def _true_mount(scene) -> np.ndarray:
-    from sim.calibration import camera_to_scanner
-
-    return camera_to_scanner(scene)
 
 
 def _truth_comparison(plan: dict, truth: dict, protocol: str, params) -> dict:
