@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "[setup] pip: torch (CPU) first, then ctpos (log: $(VENV)/pip.log)"
 	@# torch before anything that depends on it: a bare 'torch' would pull CUDA builds.
-	@{ $(PIP) install -q --upgrade pip && $(PIP) install -q torch==2.13.0 && $(PIP) install -q -e '.[test]'; } \
+	@# MediaPipe (the optional colour keypoints): 0.10.21 is the last wheel with its pose model; it declares
+	@# numpy<2 but runs on numpy 2, so it goes in without its dependency list (positioning/colour_keypoints.py).
+	@{ $(PIP) install -q --upgrade pip && $(PIP) install -q torch==2.13.0 && $(PIP) install -q -e '.[test]' \
+	  && $(PIP) install -q --no-deps mediapipe==0.10.21 && $(PIP) install -q absl-py flatbuffers 'protobuf>=4.25.3,<5'; } \
 	  > $(VENV)/pip.log 2>&1 || { tail -30 $(VENV)/pip.log; exit 1; }
-	@$(PY) -c "import torch, smplx, open3d, cv2, pyrealsense2, zmq, PySide6, anny"
+	@$(PY) -c "import torch, smplx, open3d, cv2, pyrealsense2, zmq, PySide6, anny, mediapipe"
 	@touch $(STAMP)
 
 test: setup

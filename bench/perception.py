@@ -4,7 +4,7 @@ For each capture: patient position, 3D error of shoulders, elbows, wrists, hips,
 ankles and neck against truth, visible-surface error (the true body's camera-visible
 surface to the fitted mesh), and time cold (all hypotheses) and warm (a second frame of the same
 scene, started from the first). Broken down by pose and body type.
-Run: .venv/bin/python bench/perception.py [--n 200] [--no-keypoints]
+Run: .venv/bin/python bench/perception.py [--n 200] [--no-keypoints] [--colour]
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--no-keypoints", action="store_true")
+    ap.add_argument("--colour", action="store_true", help="fuse MediaPipe's colour keypoints (optional extra)")
     ap.add_argument("--json", type=Path, default=Path("bench/out/perception.json"))
     args = ap.parse_args()
     import dataclasses
@@ -72,12 +73,12 @@ def main() -> None:
         cap, truth = simulate(p, model)
         try:
             t = time.perf_counter()
-            per = perceive(cap, model, net, use_keypoints=net is not None)
+            per = perceive(cap, model, net, use_keypoints=net is not None, colour=args.colour)
             cold = (time.perf_counter() - t) * 1000
             # A second frame of the same scene: new sensor noise, same patient.
             cap2, _ = simulate(dataclasses.replace(p, seed=p.seed + 1), model)
             t = time.perf_counter()
-            per2 = perceive(cap2, model, net, warm=per, use_keypoints=net is not None)
+            per2 = perceive(cap2, model, net, warm=per, use_keypoints=net is not None, colour=args.colour)
             warm = (time.perf_counter() - t) * 1000
         except SegmentationError as exc:
             rows.append({"seed": p.seed, "refused": str(exc)})
@@ -105,7 +106,8 @@ def main() -> None:
     ok = [r for r in rows if "refused" not in r]
     e = np.concatenate([r["joint_err"] for r in ok])
     we = np.concatenate([r["warm_joint_err"] for r in ok])
-    print(f"\nmachine: {platform.machine()}, {__import__('os').cpu_count()} cores; keypoints: {net is not None}")
+    print(f"\nmachine: {platform.machine()}, {__import__('os').cpu_count()} cores; keypoints: {net is not None}; "
+          f"colour: {args.colour}")
     print(f"captures: {len(rows)}, refused: {len(rows) - len(ok)}")
     print(f"patient position correct: {np.mean([r['position_ok'] for r in ok]) * 100:.1f} %")
     print(f"joint error (13 joints): median {np.median(e):.1f} mm, p95 {np.percentile(e, 95):.1f} mm "

@@ -20,7 +20,7 @@ def _fit(args: argparse.Namespace) -> int:
     cap = read_capture(Path(args.case))
     model = load_body_model()
     t1 = time.perf_counter()
-    p = perceive(cap, model, use_keypoints=not args.no_keypoints)
+    p = perceive(cap, model, use_keypoints=not args.no_keypoints, colour=args.colour)
     timing = {"read_and_load": (t1 - t0) * 1000, **p.timing_ms}
     if args.mesh:
         import open3d as o3d
@@ -161,4 +161,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--mesh", help="write the fitted mesh to this .ply file")
     p.add_argument("--no-keypoints", action="store_true", help="fit to depth alone (no keypoint network)")
+    p.add_argument("--colour", action="store_true",
+                   help="also MediaPipe Pose on the colour image, fused with the depth keypoints (optional extra)")
     p.set_defaults(func=_fit)

@@ -39,6 +39,10 @@ N_VERTS = 1500
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
 KEYPOINT_WEIGHT = 1.0
 KEYPOINT_ROBUST_M = 0.08
+# A lying body rests at both ends of its trunk (supine: shoulder blades and buttocks;
+# prone: chest and pelvis); the camera never sees that side, so it is a prior.
+UPPER_TRUNK = ("spine2", "spine3", "left_collar", "right_collar")
+UPPER_CONTACT_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class _Skin:
         self.jr = torch.as_tensor(d.J_regressor)
         self.sub = torch.as_tensor(sub)
         self.w_sub = torch.as_tensor(d.weights[sub])
+        self.upper = torch.as_tensor(np.isin(d.weights[sub].argmax(1), [J[n] for n in UPPER_TRUNK]))
         self.parents = torch.as_tensor(np.array(PARENTS))
         faces = torch.as_tensor(d.faces.astype(np.int64))
         self.faces = faces
@@ -229,7 +234,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         e_obs = gm(d_obs).mean(1)
         e_vis = (gm(d_vis) * vis_mask).sum(1) / vis_mask.sum(1).clamp(min=1)
         below = torch.relu(support - vs[..., 2])
-        e_contact = (below ** 2).mean(1) * 100.0 + (vs[..., 2].min(1).values - support).pow(2) * 10.0
+        e_contact = (below ** 2).mean(1) * 100.0 + (vs[..., 2].min(1).values - support).pow(2) * 10.0 \
+            + (vs[:, skin.upper, 2].min(1).values - support).pow(2) * UPPER_CONTACT_WEIGHT
         e_beta = (betas ** 2).mean(1) * 1e-3
         e_pose = ((dpose * free) ** 2).sum((1, 2)) * 2e-3
         knee = pose[:, [J["left_knee"], J["right_knee"]], 0]

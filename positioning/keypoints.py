@@ -7,9 +7,15 @@ and works in the dark or under a thin blanket. Two channels: height above the
 support (/300 mm) and occupancy.
 
 The network (``KeypointNet``, ~0.38 M parameters) predicts, at half resolution, a
-heatmap per keypoint and the keypoint's height above the support. Keypoints are
-anatomical (the patient's left is left), so the patient position follows from them.
-Weights: positioning/data/keypoints_v1.pt, trained by ``python -m sim.keypoint_training``.
+heatmap per keypoint and the keypoint's height above the support, and one global
+supine/prone logit. Its paired channels are named by *side*, not anatomy: the
+"left_*" channel is the limb on the +x_T side of the table, "right_*" the one on the
+-x_T side. Which side a limb lies on is visible around it; which side is the
+patient's left needs the whole body (head direction and supine/prone), so the
+network answers that once, globally, and ``detect_keypoints`` turns sides into
+anatomy (``side_to_anatomy``). (v1 predicted anatomical labels directly and swapped
+limbs whose neighbourhood could not show which way the body pointed.)
+Weights: positioning/data/keypoints_v2.pt, trained by ``python -m sim.keypoint_training``.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ FLIP = tuple(KEYPOINTS.index(n.replace("left", "#").replace("right", "left").rep
              for n in KEYPOINTS)
 WIN_Y, WIN_X = 256, 64  # cells along and across the table
 HEIGHT_SCALE_MM = 300.0
-WEIGHTS = Path(__file__).parent / "data" / "keypoints_v1.pt"
+WEIGHTS = Path(__file__).parent / "data" / "keypoints_v2.pt"
+# Patient positions that put the patient's left on the +x side of the table.
+LEFT_AT_PLUS_X = {"HFS": True, "FFP": True, "FFS": False, "HFP": False}
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,15 @@ def _block(cin: int, cout: int) -> nn.Sequential:
                          nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def side_to_anatomy(position: str) -> tuple[int, ...]:
+    """Channel order that turns side-named keypoints into anatomical ones: anatomical[i] = side[order[i]]."""
+    return tuple(range(len(KEYPOINTS))) if LEFT_AT_PLUS_X[position] else FLIP
+
+
 class KeypointNet(nn.Module):
-    """A small U-Net: (B, 2, 256, 64) -> heatmaps (B, K, 128, 32) and heights (B, K, 128, 32)."""
+    """A small U-Net: (B, 2, 256, 64) -> heatmaps (B, K, 128, 32), heights (B, K, 128, 32), prone logit (B,).
+
+    Paired channels are side-named (module docstring)."""
 
     def __init__(self, k: int = len(KEYPOINTS), w: int = 16) -> None:
         super().__init__()
@@ -83,9 +98,11 @@ class KeypointNet(nn.Module):
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.d3, self.d2 = _block(6 * w + 4 * w, 4 * w), _block(4 * w + 2 * w, 2 * w)
         self.head = nn.Conv2d(2 * w, 2 * k, 1)
+        # Supine or prone is a property of the whole body: pooled over the deepest features.
+        self.prone = nn.Linear(2 * 6 * w, 1)
         self.k = k
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         e1 = self.e1(x)  # 256x64
         e2 = self.e2(self.pool(e1))  # 128x32
         e3 = self.e3(self.pool(e2))  # 64x16
@@ -93,7 +110,8 @@ class KeypointNet(nn.Module):
         d3 = self.d3(torch.cat([self.up(e4), e3], 1))  # 64x16
         d2 = self.d2(torch.cat([self.up(d3), e2], 1))  # 128x32
         out = self.head(d2)
-        return out[:, : self.k], out[:, self.k:]
+        pooled = torch.cat([e4.mean((2, 3)), e4.amax((2, 3))], 1)
+        return out[:, : self.k], out[:, self.k:], self.prone(pooled)[:, 0]
 
 
 @functools.lru_cache(maxsize=2)
@@ -129,33 +147,39 @@ def decode_heatmaps(heat: torch.Tensor, height: torch.Tensor) -> tuple[np.ndarra
     return coords * 2 + 0.5, hts, prob[np.arange(k), pi, pj]
 
 
-def position_from_keypoints(pts_xy: np.ndarray) -> str:
-    """DICOM position from keypoints (K, 2) in any frame parallel to S: head vs pelvis, then left vs right."""
-    k = {n: i for i, n in enumerate(KEYPOINTS)}
-    hf = pts_xy[k["head"], 1] > pts_xy[k["pelvis"], 1]
-    left_pos = (pts_xy[k["left_shoulder"], 0] + pts_xy[k["left_hip"], 0]) > \
-        (pts_xy[k["right_shoulder"], 0] + pts_xy[k["right_hip"], 0])
-    supine = left_pos == hf  # HFS and FFP put the patient's left at +x
-    return ("HF" if hf else "FF") + ("S" if supine else "P")
+def position_from_sides(head_y: float, pelvis_y: float, prone_probability: float) -> str:
+    """DICOM position: head towards +y (into the gantry) or not, then supine or prone."""
+    return ("HF" if head_y > pelvis_y else "FF") + ("P" if prone_probability > 0.5 else "S")
 
 
 @dataclass(frozen=True)
 class Keypoints:
-    """Keypoints in S: points (K, 3) mm, confidence (K,) 0..1, names KEYPOINTS."""
+    """Anatomical keypoints in S: points (K, 3) mm, confidence (K,) 0..1, names KEYPOINTS.
+
+    position: DICOM code from the head-pelvis direction and the prone output;
+    prone_probability: the network's belief that the patient lies prone.
+    """
 
     points_s: np.ndarray
     confidence: np.ndarray
+    position: str
+    prone_probability: float
 
 
 def detect_keypoints(seg: Segmentation, table_height_mm: float, table_longitudinal_mm: float,
                      net: KeypointNet | None = None) -> Keypoints:
-    """Run the network on a segmented capture; keypoints in S (mm)."""
+    """Run the network on a segmented capture; anatomical keypoints in S (mm) and the patient position."""
     net = net or load_keypoint_net()
     x, win = window_input(seg)
     with torch.no_grad():
-        heat, height = net(torch.as_tensor(x)[None])
+        heat, height, prone = net(torch.as_tensor(x)[None])
     cells, hts, conf = decode_heatmaps(heat[0], height[0])
+    p_prone = float(torch.sigmoid(prone[0]))
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    position = position_from_sides(cells[k["head"], 0], cells[k["pelvis"], 0], p_prone)
+    order = list(side_to_anatomy(position))
+    cells, hts, conf = cells[order], hts[order], conf[order]
     xy_t = win.to_table(cells)
     z_s = seg.support_z_s + hts
     pts = np.column_stack([xy_t[:, 0], xy_t[:, 1] + table_longitudinal_mm, z_s])
-    return Keypoints(pts, conf)
+    return Keypoints(pts, conf, position, p_prone)

@@ -1,6 +1,7 @@
 """From one capture to the patient's body in S: segmentation, depth keypoints, mesh fit. Pure over its inputs."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -8,8 +9,8 @@ import numpy as np
 
 from positioning.bodymodel import BodyModel
 from positioning.capture import Capture
-from positioning.fit import FitResult, fit_body
-from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints, position_from_keypoints
+from positioning.fit import ARMS, FitResult, fit_body
+from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints
 from positioning.poses import POSITIONS
 from positioning.segment import Segmentation, segment_patient
 from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
@@ -47,9 +48,44 @@ def keypoints_as_joints(kp: Keypoints) -> tuple[np.ndarray, np.ndarray]:
     return pts, conf
 
 
+log = logging.getLogger("ctpos.perceive")
+# Below this certainty of the network's supine/prone call, the fit tries both and its cost decides.
+PRONE_SURE = 0.9
+# A wrist this far (mm) beyond its shoulder towards the head is a raised arm; this far below, a lowered one.
+ARM_UP_MM, ARM_DOWN_MM = 60.0, -60.0
+
+
+def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(positions, arm poses) worth fitting, given the keypoints.
+
+    The head direction is the network's (head against pelvis: not in doubt); supine
+    and prone are both tried unless the network is sure. The arms are 'up' or 'down'
+    when both wrists say so, else both are tried.
+    """
+    p = kp.prone_probability
+    sure = max(p, 1.0 - p) >= PRONE_SURE
+    positions = (kp.position,) if sure else (kp.position[:2] + "S", kp.position[:2] + "P")
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    axis = kp.points_s[k["neck"], :2] - kp.points_s[k["pelvis"], :2]
+    axis /= max(float(np.linalg.norm(axis)), 1e-6)
+    reach = [float((kp.points_s[k[f"{s}_wrist"], :2] - kp.points_s[k[f"{s}_shoulder"], :2]) @ axis)
+             for s in ("left", "right")]
+    if min(reach) > ARM_UP_MM:
+        arms = ("up",)
+    elif max(reach) < ARM_DOWN_MM:
+        arms = ("down",)
+    else:
+        arms = ARMS
+    return positions, arms
+
+
 def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None, warm: Perception | None = None,
-             use_keypoints: bool = True) -> Perception:
-    """Segment, detect keypoints (unless use_keypoints is False), fit. Raises SegmentationError on a bad scene."""
+             use_keypoints: bool = True, colour: bool = False) -> Perception:
+    """Segment, detect keypoints (unless use_keypoints is False), fit. Raises SegmentationError on a bad scene.
+
+    colour: also run MediaPipe on the colour image and fuse (positioning/colour_keypoints.py);
+    where it finds nobody, the depth keypoints go on alone (logged).
+    """
     timing = {}
     t = time.perf_counter()
     seg = segment_patient(capture)
@@ -58,14 +94,25 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
     if use_keypoints:
         t = time.perf_counter()
         kp = detect_keypoints(seg, capture.scene.table_height_mm, capture.scene.table_longitudinal_mm, net)
-        kp24, conf24 = keypoints_as_joints(kp)
         timing["keypoints"] = (time.perf_counter() - t) * 1000
-    # The keypoints say which way the patient lies; the fit then only decides the arms.
-    positions = (position_from_keypoints(kp.points_s[:, :2]),) if kp is not None else POSITIONS
-    res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions,
+        if colour:
+            from positioning.colour_keypoints import ColourKeypointError, detect_colour_keypoints, fuse_keypoints
+
+            t = time.perf_counter()
+            try:
+                kp = fuse_keypoints(kp, detect_colour_keypoints(capture))
+            except ColourKeypointError as exc:
+                log.warning("colour keypoints not used: %s", exc)
+            timing["colour_keypoints"] = (time.perf_counter() - t) * 1000
+        kp24, conf24 = keypoints_as_joints(kp)
+    positions, arms = hypotheses_from_keypoints(kp) if kp is not None else (POSITIONS, ARMS)
+    res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions, arms=arms,
                    iterations=40 if warm is not None else 120, warm=warm.fit if warm is not None else None)
     timing.update(res.timing_ms)
     jc = np.full(NUM_JOINTS, 0.5) if conf24 is None else np.where(conf24 > 0, conf24, 0.5)
     pos_conf = float(np.clip(res.position_margin, 0.0, 1.0))
+    if kp is not None and len(positions) == 1:
+        # Only one position was fitted: the confidence is the network's.
+        pos_conf = abs(2.0 * kp.prone_probability - 1.0)
     return Perception(res.vertices, res.joints, np.clip(jc * (0.5 + 0.5 * pos_conf), 0, 1), res.patient_position,
                       pos_conf, res.residual_mm, kp, res, seg, timing)

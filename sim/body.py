@@ -119,18 +119,56 @@ def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_temp
     return verts, joints, face, levels
 
 
+def resting_tilt(v: np.ndarray, max_tilt_deg: float = 25.0) -> np.ndarray:
+    """(3, 3) the small rotation with which a rigid body settles on a flat support (z up).
+
+    v: (V, 3) vertices in any unit, of the trunk: it carries the body's weight, while
+    head and limbs, jointed to it, come to rest around it (a rigid posed body would
+    otherwise balance on one point: a heel, the sacrum, or rock on the upper back).
+    The trunk rests on a face of its convex hull that has its centre of mass (here:
+    the centroid) straight above it; of those stable faces within max_tilt_deg of
+    lying flat, the least tilted is turned flat.
+    """
+    from scipy.spatial import ConvexHull
+    from scipy.spatial.transform import Rotation
+
+    w = v - v.mean(0)
+    hull = ConvexHull(w)
+    n, d = hull.equations[:, :3], hull.equations[:, 3]  # n . x + d <= 0 inside; n outward, unit
+    cand = np.flatnonzero(n[:, 2] < -np.cos(np.radians(max_tilt_deg)))
+    # The centroid's foot on each face's plane, in barycentric coordinates of the face's triangle.
+    foot = -d[cand, None] * n[cand]
+    a, b, c = (w[hull.simplices[cand, k]] for k in range(3))
+    e0, e1, e2 = b - a, c - a, foot - a
+    d00, d01, d11 = (e0 * e0).sum(1), (e0 * e1).sum(1), (e1 * e1).sum(1)
+    d20, d21 = (e2 * e0).sum(1), (e2 * e1).sum(1)
+    den = d00 * d11 - d01 * d01
+    bv, bw = (d11 * d20 - d01 * d21) / den, (d00 * d21 - d01 * d20) / den
+    stable = cand[(bv >= 0) & (bw >= 0) & (bv + bw <= 1)]
+    pick = stable if len(stable) else cand
+    if len(pick) == 0:
+        return np.eye(3)
+    face = pick[np.argmin(n[pick, 2])]
+    rot, _ = Rotation.align_vectors([[0.0, 0.0, -1.0]], [n[face]])
+    return rot.as_matrix()
+
+
 def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
-               table_height_mm: float, table_long_mm: float) -> tuple[np.ndarray, ...]:
+               table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0
+               ) -> tuple[np.ndarray, ...]:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
 
-    The body rests on its lowest point (no sinking), its pelvis lateral_mm off the
-    table centre line, its gantry-side end head_gap_mm below the table's head mark.
-    Returns (vertices, joints, face points, levels) in S, mm.
+    The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's vertices),
+    then sinks sink_mm into mattress and soft tissue: what would pass below the
+    mattress top is flattened onto it (the back under a lying patient is flat). Its
+    pelvis lies lateral_mm off the table centre line, its gantry-side end head_gap_mm
+    below the table's head mark. Returns (vertices, joints, face points, levels) in S, mm.
     """
     c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
     yaw = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     r = yaw @ POSITION_ROTATIONS[position]
+    r = resting_tilt(verts[balance] @ r.T) @ r
 
     def tf(p):
         return (np.asarray(p) * 1000.0) @ r.T
@@ -138,9 +176,10 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     v, jj, f = tf(verts), tf(joints), tf(face)
     lv = {k: tf(p) for k, p in levels.items()}
     # Table frame: z up from the tabletop surface, y along the table, origin at the head mark.
-    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), mattress_top_t - v[:, 2].min()])
+    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), mattress_top_t - v[:, 2].min() - sink_mm])
     to_s = np.array([0.0, table_long_mm, -table_height_mm])
     out = [a + shift + to_s for a in (v, jj, f)]
+    out[0][:, 2] = np.maximum(out[0][:, 2], mattress_top_t - table_height_mm)
     return out[0], out[1], out[2], {k: p + shift + to_s for k, p in lv.items()}
 
 

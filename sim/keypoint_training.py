@@ -6,9 +6,10 @@
    simulator offers (training seeds and held-out seeds never overlap), segments each
    with the production code and cuts its height-map window; the truth keypoints go
    into the same window. Cached in ``--data``.
-2. Trains ``positioning.keypoints.KeypointNet`` (Adam, heatmap BCE + height L1, with
-   the two augmentations that keep anatomy valid: a half turn, and a left-right mirror
-   that swaps the left/right labels).
+2. Trains ``positioning.keypoints.KeypointNet`` (AdamW, heatmap BCE + height L1 +
+   prone BCE). Paired keypoints are labelled by side (+x_T / -x_T), so both
+   augmentations, a half turn and a mirror across the table, swap the paired channels;
+   neither changes supine/prone.
 3. Reports PCK and errors on the held-out captures and writes the weights.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, KeypointNet, decode_heatmaps, position_from_keypoints,
-                                   window_input)
+from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, KeypointNet, decode_heatmaps, position_from_sides,
+                                   side_to_anatomy, window_input)
 from positioning.skeleton import JOINT_INDEX
 
 log = logging.getLogger("ctpos.train_keypoints")
@@ -75,19 +76,27 @@ def _targets(cells: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     return torch.exp(-d2 / (2 * sigma ** 2))
 
 
+def side_labels(cells: np.ndarray, heights: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Anatomical (B, K, 2) cells and (B, K) heights -> the network's side-named order (+x_T side in "left_*")."""
+    order = np.array([side_to_anatomy(str(p)) for p in positions])  # an involution: the same order goes back
+    return np.take_along_axis(cells, order[..., None], 1), np.take_along_axis(heights, order, 1)
+
+
 def _augment(x, cells, heights, rng):
-    """A half turn (rows and columns reversed) and/or a mirror across the table (columns reversed, L/R swapped)."""
+    """A half turn (rows and columns reversed) and/or a mirror across the table (columns reversed).
+
+    Either puts each limb on the other side, so the side-named pairs swap; supine/prone is unchanged."""
     x, cells, heights = x.clone(), cells.clone(), heights.clone()
     for b in range(x.shape[0]):
         if rng.uniform() < 0.5:
             x[b] = torch.flip(x[b], (1, 2))
             cells[b, :, 0] = 256 - cells[b, :, 0]
             cells[b, :, 1] = 64 - cells[b, :, 1]
+            cells[b], heights[b] = cells[b, list(FLIP)], heights[b, list(FLIP)]
         if rng.uniform() < 0.5:
             x[b] = torch.flip(x[b], (2,))
             cells[b, :, 1] = 64 - cells[b, :, 1]
-            cells[b] = cells[b, list(FLIP)]
-            heights[b] = heights[b, list(FLIP)]
+            cells[b], heights[b] = cells[b, list(FLIP)], heights[b, list(FLIP)]
     return x, cells, heights
 
 
@@ -97,14 +106,18 @@ def evaluate(net: KeypointNet, data: dict) -> dict:
     with torch.no_grad():
         for b in range(0, len(data["x"]), 64):
             x = torch.as_tensor(data["x"][b:b + 64].astype(np.float32))
-            heat, height = net(x)
+            heat, height, prone = net(x)
+            k = {n: i for i, n in enumerate(KEYPOINTS)}
             for n in range(len(x)):
                 cells, hts, _ = decode_heatmaps(heat[n], height[n])
+                # Rows run along y_T: the head's row against the pelvis's gives the head direction.
+                pos = position_from_sides(cells[k["head"], 0], cells[k["pelvis"], 0], float(torch.sigmoid(prone[n])))
+                order = list(side_to_anatomy(pos))
+                cells, hts = cells[order], hts[order]
                 gt = data["cells"][b + n]
                 errs.append(np.linalg.norm(cells - gt, axis=1) * 10.0)
                 herrs.append(np.abs(hts - data["heights"][b + n]))
-                # Cells (i along y, j along x) -> (x, y) for the position rule.
-                pos_ok.append(position_from_keypoints(cells[:, ::-1]) == data["position"][b + n])
+                pos_ok.append(pos == data["position"][b + n])
     e, h = np.array(errs), np.array(herrs)
     e3 = np.sqrt(e ** 2 + h ** 2)
     return {"n": int(len(e)), "pck_50mm": float((e < 50).mean()), "pck_100mm": float((e < 100).mean()),
@@ -119,8 +132,10 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
     rng = np.random.default_rng(seed)
     tr, te = dict(np.load(train_npz)), dict(np.load(test_npz))
     x_all = torch.as_tensor(tr["x"].astype(np.float32))
-    c_all = torch.as_tensor(tr["cells"])
-    h_all = torch.as_tensor(tr["heights"] / 300.0)
+    cells, heights = side_labels(tr["cells"], tr["heights"], tr["position"])
+    c_all = torch.as_tensor(cells)
+    h_all = torch.as_tensor(heights / 300.0)
+    p_all = torch.as_tensor(np.char.endswith(tr["position"].astype(str), "P").astype(np.float32))
     net = KeypointNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * ((len(x_all) + 31) // 32)
@@ -134,12 +149,12 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
         for b in range(0, len(perm), 32):
             idx = perm[b:b + 32]
             x, c, h = _augment(x_all[idx], c_all[idx], h_all[idx], rng)
-            heat, height = net(x)
+            heat, height, prone = net(x)
             tgt = _targets(c)
             # Height is learned at (and around) each keypoint's true place.
             w = (tgt > 0.3).float()
             l_h = ((height - h[..., None, None]).abs() * w).sum() / w.sum().clamp(min=1)
-            loss = bce(heat, tgt) + l_h
+            loss = bce(heat, tgt) + l_h + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(prone, p_all[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

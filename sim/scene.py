@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "skin_tone": [0.0, 1.0],
     "mattress_mm": [40.0, 70.0],
     "bore_diameter_mm": [700.0, 780.0],
+    "sink_mm": [0.0, 15.0],  # the body into mattress and soft tissue; what would pass below is flattened
 }
 WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
 
@@ -79,6 +80,7 @@ class SceneParams:
     skin_tone: float
     mattress_mm: float
     bore_diameter_mm: float
+    sink_mm: float
     pose_seed: int = 0
     source_body: int = -1  # index of the model's training body the shape was drawn around
     anny_phenotype: dict[str, float] = field(default_factory=dict)

@@ -18,6 +18,7 @@ PROTOCOLS = ("chest", "abdomen", "chest_abdomen_pelvis", "head", "whole_body")
 GOWN_JOINTS = {JOINT_INDEX[n] for n in ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar",
                                           "left_hip", "right_hip", "left_shoulder", "right_shoulder")}
 SLAB_HALF_MM = 15.0
+TRUNK_JOINTS = ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar")
 LABEL_COLOURS = {"floor": (0.45, 0.45, 0.43), "pedestal": (0.8, 0.8, 0.78), "tabletop": (0.2, 0.2, 0.22),
                  "mattress": (0.25, 0.35, 0.55), "gantry": (0.9, 0.9, 0.88), "cushion": (0.3, 0.5, 0.6),
                  "blanket": (0.85, 0.88, 0.92)}
@@ -132,6 +133,11 @@ def slab_centre(verts: np.ndarray, keep: np.ndarray, y: float) -> dict[str, floa
             "ap_mm": float(s[:, 2].max() - s[:, 2].min()), "lat_mm": float(s[:, 0].max() - s[:, 0].min())}
 
 
+def _trunk(model: BodyModel) -> np.ndarray:
+    """(V,) bool: the trunk's vertices (pelvis, spine, collars), on which a lying body settles."""
+    return np.isin(model.data.weights.argmax(1), [JOINT_INDEX[n] for n in TRUNK_JOINTS])
+
+
 def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | None = None):
     """The scene's patient in S (mm): (own rest mesh or None, vertices, joints, face points, internal levels).
 
@@ -144,7 +150,7 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
     verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
                                             p.lateral_offset_mm, p.head_gap_mm, p.mattress_mm, p.table_height_mm,
-                                            p.table_longitudinal_mm)
+                                            p.table_longitudinal_mm, _trunk(model), p.sink_mm)
     return template, verts, joints, face, levels
 
 

@@ -119,3 +119,26 @@ def test_fit_cli(sim_cases, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ctpos", "fit", str(tmp_path / "nothing")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "capture folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("arms, prone_p, expect", [
+    ("down", 0.02, (("HFS",), ("down",))),
+    ("up", 0.02, (("HFS",), ("up",))),
+    ("up", 0.97, (("HFP",), ("up",))),
+    ("down", 0.5, (("HFS", "HFP"), ("down",))),
+])
+def test_keypoints_choose_the_hypotheses_to_fit(body_model, arms, prone_p, expect):
+    """The network's head direction is kept; supine/prone only when it is sure; the arms from the wrists."""
+    import torch
+
+    from positioning.keypoints import KEYPOINTS, Keypoints
+    from positioning.perceive import hypotheses_from_keypoints
+    from positioning.poses import POSITION_ROTATIONS, canonical_pose
+    from positioning.skeleton import JOINT_INDEX
+
+    position = "HFP" if prone_p > 0.5 else "HFS"
+    out = body_model.layer(betas=torch.zeros(1, 16),
+                           body_pose=torch.as_tensor(canonical_pose(arms)[1:].reshape(1, -1), dtype=torch.float32))
+    j = out.joints[0, :24].detach().numpy() @ POSITION_ROTATIONS[position].T * 1000.0
+    kp = Keypoints(np.array([j[JOINT_INDEX[n]] for n in KEYPOINTS]), np.full(len(KEYPOINTS), 0.9), position, prone_p)
+    assert hypotheses_from_keypoints(kp) == expect

@@ -121,6 +121,6 @@ def test_bodies_straight_from_anny(body_model):
     cfg = {**load_config(None), "body_source": "anny", "pose": "arms_down", "patient_position": "HFS"}
     p = sample_scene(3, cfg, body_model.data.train["betas"])
     cap, truth = simulate(p, body_model)
-    assert truth["body_source"] == "anny" and 1400 < truth["stature_mm"] < 2100
+    assert truth["body_source"] == "anny" and 1400 < truth["stature_mm"] < 2300  # anny reaches 2.25 m
     assert 150 < abs(truth["protocols"]["chest"]["cranial_y_mm"] - truth["protocols"]["chest"]["caudal_y_mm"]) < 350
     assert (cap.depth > 0).mean() > 0.8
