@@ -1,22 +1,26 @@
 """Fit the SMPL-layout body model to a segmented patient: pure torch over arrays.
 
-Hypotheses: the four patient positions × two arm poses, each started from the
-canonical pose (positioning/poses.py), placed by the points' principal axis and
-extent. All hypotheses are optimised together (batched); the lowest final cost
-wins, and its margin over the best hypothesis of another patient position is the
-position's confidence.
+Hypotheses: patient positions × arm poses, each started from the canonical pose
+(positioning/poses.py), placed by the keypoints (or the points' principal axis and
+extent). The caller chooses them: from the keypoints, usually one position and one
+arm pose, both supine and prone when the network is unsure (perceive.py); without
+keypoints all four positions × both arm poses. All hypotheses are optimised
+together (batched); the lowest final cost wins, and its margin over the best
+hypothesis of another patient position is the position's confidence.
 
 Cost (per hypothesis, metres):
 * data, ICP-style: each observed point to its nearest model vertex, and each
   upward-facing model vertex to its nearest observed point (robust, correspondences
   refreshed every few steps with a KD-tree, outside autograd);
 * keypoints (when given): confidence-weighted distance of model joints to 3D keypoints;
-* contact: no vertex below the support surface, and the body's lowest points on it;
+* contact: no vertex below the support surface, the body's lowest point on it, and
+  the upper trunk's lowest point on it too (a lying trunk rests at both ends);
 * priors: betas (unit Gaussian), pose near the hypothesis's canonical pose, joint
   limits (knees and elbows bend one way).
 
-The linear blend skinning is smplx's own (``smplx.lbs``), evaluated on a fixed
-subset of vertices during the fit; the final mesh comes from the full smplx layer.
+During the fit the kinematics are smplx's own (``smplx.lbs``'s rodrigues and rigid
+transforms) and the blend is evaluated on a fixed subset of vertices; the final
+mesh comes from the full smplx layer.
 """
 from __future__ import annotations
 
@@ -75,28 +79,33 @@ class FitResult:
 
 
 class _Skin:
-    """smplx's LBS on a vertex subset. Tensors float32, metres, model frame."""
+    """smplx's LBS on a vertex subset. Tensors float32, metres, model frame.
+
+    The joints are linear in the betas, so the joint regressor is applied to the
+    template and to each shape direction once, here, instead of to the whole mesh at
+    every step; only the subset's vertices are shaped and skinned.
+    """
 
     def __init__(self, model: BodyModel, sub: np.ndarray) -> None:
         d = model.data
         k = model.num_betas
-        self.v_t = torch.as_tensor(d.v_template)
-        self.sd = torch.as_tensor(d.shapedirs[:, :, :k])
-        self.jr = torch.as_tensor(d.J_regressor)
-        self.sub = torch.as_tensor(sub)
+        v_t = torch.as_tensor(d.v_template)
+        sd = torch.as_tensor(d.shapedirs[:, :, :k])
+        jr = torch.as_tensor(d.J_regressor)
+        self.j_t = jr @ v_t  # (24, 3)
+        self.j_sd = torch.einsum("jv,vcl->jcl", jr, sd)  # (24, 3, K)
+        self.v_t = v_t[sub]
+        self.sd = sd[sub]
         self.w_sub = torch.as_tensor(d.weights[sub])
         self.upper = torch.as_tensor(np.isin(d.weights[sub].argmax(1), [J[n] for n in UPPER_TRUNK]))
         self.parents = torch.as_tensor(np.array(PARENTS))
-        faces = torch.as_tensor(d.faces.astype(np.int64))
-        self.faces = faces
         self.k = k
 
     def transforms(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Rest joints (24, 3) and smplx's posed joint transforms (24, 4, 4) of one body (metres)."""
         from smplx.lbs import batch_rigid_transform, batch_rodrigues
 
-        v_shaped = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
-        j = torch.einsum("jv,bvc->bjc", self.jr, v_shaped)
+        j = self.j_t + torch.einsum("bl,jcl->bjc", betas, self.j_sd)
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(1, NUM_JOINTS, 3, 3)
         _, a = batch_rigid_transform(rot, j, self.parents)
         return j[0].numpy().astype(np.float64), a[0].numpy().astype(np.float64)
@@ -106,13 +115,12 @@ class _Skin:
         from smplx.lbs import batch_rigid_transform, batch_rodrigues
 
         b = betas.shape[0]
-        v_shaped = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
-        j = torch.einsum("jv,bvc->bjc", self.jr, v_shaped)
+        j = self.j_t + torch.einsum("bl,jcl->bjc", betas, self.j_sd)
+        v = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(b, NUM_JOINTS, 3, 3)
         posed_j, a = batch_rigid_transform(rot, j, self.parents)
-        t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a)
-        v = v_shaped[:, self.sub]
-        v = torch.einsum("bvmn,bvn->bvm", t[..., :3, :3], v) + t[..., :3, 3]
+        t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a[..., :3, :])  # (B, S, 3, 4): the bottom row is constant
+        v = torch.einsum("bvmn,bvn->bvm", t[..., :3], v) + t[..., 3]
         return v - posed_j[:, :1], posed_j - posed_j[:, :1]
 
 

@@ -15,6 +15,8 @@ from positioning.poses import POSITIONS
 from positioning.segment import Segmentation, segment_patient
 from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
 
+log = logging.getLogger("ctpos.perceive")
+
 
 @dataclass(frozen=True)
 class Perception:
@@ -48,7 +50,6 @@ def keypoints_as_joints(kp: Keypoints) -> tuple[np.ndarray, np.ndarray]:
     return pts, conf
 
 
-log = logging.getLogger("ctpos.perceive")
 # Below this certainty of the network's supine/prone call, the fit tries both and its cost decides.
 PRONE_SURE = 0.9
 # A wrist this far (mm) beyond its shoulder towards the head is a raised arm; this far below, a lowered one.
@@ -106,6 +107,9 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
             timing["colour_keypoints"] = (time.perf_counter() - t) * 1000
         kp24, conf24 = keypoints_as_joints(kp)
     positions, arms = hypotheses_from_keypoints(kp) if kp is not None else (POSITIONS, ARMS)
+    if warm is not None and warm.patient_position not in positions:
+        log.info("the patient lies %s now, not %s: fitted afresh", "/".join(positions), warm.patient_position)
+        warm = None
     res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions, arms=arms,
                    iterations=40 if warm is not None else 120, warm=warm.fit if warm is not None else None)
     timing.update(res.timing_ms)

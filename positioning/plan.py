@@ -21,6 +21,10 @@ from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 SLAB_HALF_MM = 15.0
+# The measured front of the ISO slab: this percentile of its trunk points' heights
+# (the top without the sensor's outliers; docs/planning.md), from at least this many points.
+TOP_PERCENTILE = 95.0
+MIN_SLAB_POINTS = 20
 LEVELS = ("lung_apex", "lung_base", "diaphragm_dome", "iliac_crest", "symphysis", "vertex", "skull_base", "soles")
 
 
@@ -140,13 +144,15 @@ def level_y(name: str, landmarks: dict[str, np.ndarray], vertices: np.ndarray, h
 
 def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, landmarks: dict[str, np.ndarray],
               dominant_joint: np.ndarray, patient_position: str, position_confidence: float, residual_mm: float,
-              observed_points: np.ndarray, table_height_mm: float, table_longitudinal_mm: float,
-              spec: ScannerSpec = ScannerSpec(), extra_warnings: list[dict[str, str]] | None = None) -> Plan:
+              observed_points: np.ndarray, support_z_mm: float, table_height_mm: float,
+              table_longitudinal_mm: float, spec: ScannerSpec = ScannerSpec(),
+              extra_warnings: list[dict[str, str]] | None = None) -> Plan:
     """The plan for one fitted body.
 
-    vertices (V, 3), joints (24, 3), landmarks {name: (3,)}, observed_points (N, 3): mm, frame S at capture;
-    dominant_joint (V,): each vertex's main skinning joint (arms are left out of the
-    ISO-centre slab). Table state as in the capture.
+    vertices (V, 3), joints (24, 3), landmarks {name: (3,)}, observed_points (N, 3)
+    (the segmented body's measured surface), support_z_mm (the mattress top's z):
+    mm, frame S at capture; dominant_joint (V,): each vertex's main skinning joint
+    (arms are left out of the ISO-centre slab). Table state as in the capture.
     """
     head_dir = 1.0 if patient_position.startswith("H") else -1.0
     warnings = list(extra_warnings or [])
@@ -176,22 +182,15 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     # ISO centre: the AP middle of the trunk (arms out) in a slab at the region's centre.
     yc = 0.5 * (clipped["cranial"] + clipped["caudal"])
     trunk = ~np.isin(dominant_joint, list(ARM_JOINTS))
-    sel = trunk & (np.abs(vertices[:, 1] - yc) < SLAB_HALF_MM)
-    if sel.sum() < 10:
+    sec = slab_section(vertices, trunk, observed_points, support_z_mm, yc)
+    if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
-    s = vertices[sel]
-    top, bottom = s[:, 2].max(), s[:, 2].min()
-    z_c, x_c = 0.5 * (top + bottom), 0.5 * (s[:, 0].max() + s[:, 0].min())
-    ap, lat = top - bottom, s[:, 0].max() - s[:, 0].min()
-    iso_height = table_height_mm + z_c
-    # Cross-check the mesh against the measured surface in the same slab.
-    near = observed_points[(np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM)
-                           & (np.abs(observed_points[:, 0] - x_c) < lat / 2)]
-    if len(near) > 20:
-        gap = float(np.percentile(near[:, 2], 95) - top)
-        if abs(gap) > 15.0:
-            warnings.append({"code": "MESH_DEPTH_DISAGREE", "message": f"the fitted body's front is {gap:+.0f} mm "
-                                                                        f"off the measured surface at the ISO slab"})
+    top, bottom, x_c, lat, mesh_top = sec
+    if abs(mesh_top - top) > 15.0:
+        warnings.append({"code": "MESH_DEPTH_DISAGREE", "message": f"the fitted body's front is {mesh_top - top:+.0f} "
+                                                                    f"mm off the measured surface at the ISO slab"})
+    ap = top - bottom
+    iso_height = table_height_mm + 0.5 * (top + bottom)
     if not spec.height_min_mm <= iso_height <= spec.height_max_mm:
         raise PlanRefused("TABLE_HEIGHT_OUT_OF_RANGE", f"the ISO-centre table height {iso_height:.0f} mm is outside "
                                                        f"the table's {spec.height_min_mm:.0f}-{spec.height_max_mm:.0f} mm")
@@ -220,6 +219,36 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
                 {"cranial": clipped["cranial"] - table_longitudinal_mm, "caudal": clipped["caudal"] - table_longitudinal_mm},
                 lm, confidence, d_eff, ssde_factor(d_eff / 10.0, protocol.phantom_cm), clearance, move_height,
                 warnings)
+
+
+def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
+                 y_c: float) -> tuple[float, float, float, float, float] | None:
+    """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S.
+
+    vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
+    The front (top) is measured: the TOP_PERCENTILE of the observed points in the slab
+    whose nearest fitted vertex is trunk, so hands resting on the belly or chest do
+    not count. The camera cannot see the back, so the bottom is the fitted trunk's,
+    never below the mattress top. Without enough measured trunk points the fitted
+    front stands in. None when the fitted trunk has no cross-section there.
+    """
+    from scipy.spatial import cKDTree
+
+    s = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM)]
+    if len(s) < 10:
+        return None
+    mesh_top = float(s[:, 2].max())
+    bottom = max(float(s[:, 2].min()), support_z_mm)
+    x_c, lat = 0.5 * float(s[:, 0].max() + s[:, 0].min()), float(s[:, 0].max() - s[:, 0].min())
+    near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)
+    cand = observed_points[np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM]
+    top = mesh_top
+    if near.sum() and len(cand) > MIN_SLAB_POINTS:
+        _, nn = cKDTree(vertices[near]).query(cand)
+        own = cand[trunk[near][nn]]
+        if len(own) > MIN_SLAB_POINTS:
+            top = float(np.percentile(own[:, 2], TOP_PERCENTILE))
+    return top, bottom, x_c, lat, mesh_top
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],

@@ -63,31 +63,65 @@ def _body(model, position, long_mm=-1000.0, height_mm=250.0, arms="down"):
     shift = np.array([0.0, long_mm - 300.0 - v[:, 1].max(), 60.0 - height_mm - v[:, 2].min()])
     v, j = v + shift, j[:24] + shift
     lv = {k: p + shift for k, p in lv.items()}
-    pts = v[v[:, 2] > 60.0 - height_mm + 25.0]  # what segmentation keeps: 25 mm and more above the mattress
-    return v, j, lv, model.data.weights.argmax(1), pts
+    return v, j, lv, model.data.weights.argmax(1), _seen_from_above(v, 60.0 - height_mm)
+
+
+def _seen_from_above(v, support_z, cell=8.0):
+    """What a ceiling camera and segmentation keep: the top vertex per 8 mm cell, 25 mm and more above the mattress."""
+    key = np.floor(v[:, :2] / cell).astype(np.int64)
+    order = np.lexsort((-v[:, 2], key[:, 1], key[:, 0]))
+    first = np.ones(len(order), bool)
+    first[1:] = np.any(np.diff(key[order], axis=0) != 0, axis=1)
+    top = v[order[first]]
+    return top[top[:, 2] > support_z + 25.0]
 
 
 @pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP"])
 def test_chest_plan_geometry(body_model, position):
     v, j, lv, dom, pts = _body(body_model, position)
-    p = make_plan(load_protocol("chest"), v, j, lv, dom, position, 0.9, 5.0, pts, 250.0, -1000.0)
+    p = make_plan(load_protocol("chest"), v, j, lv, dom, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     hd = 1 if position.startswith("H") else -1
     # Cranial end is towards the head and 10 mm beyond the apex; the range is an adult's lungs.
     assert (p.scan_range_scanner_mm["cranial"] - lv["lung_apex"][1]) * hd == pytest.approx(10.0, abs=0.01)
     assert 200 < abs(p.scan_range_scanner_mm["cranial"] - p.scan_range_scanner_mm["caudal"]) < 360
     assert p.scan_range_table_mm["cranial"] == pytest.approx(p.scan_range_scanner_mm["cranial"] + 1000.0)
-    # The ISO height brings the chest's AP middle to z = 0.
+    # The ISO height brings the chest's AP middle to z = 0 (the measured front is its
+    # top surface's 95th percentile: a millimetre or two below the mesh's highest vertex).
     yc = np.mean(list(p.scan_range_scanner_mm.values()))
     s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23])]
-    assert 0.5 * (s[:, 2].max() + s[:, 2].min()) + (250.0 - p.table_height_mm) == pytest.approx(0.0, abs=0.5)
+    assert 0.5 * (s[:, 2].max() + s[:, 2].min()) + (250.0 - p.table_height_mm) == pytest.approx(0.0, abs=2.0)
     assert 150 < p.body_thickness_mm < 300 and 0.8 < p.ssde_conversion_factor < 2.5
     assert p.bore_clearance_mm > 20 and set(p.to_json()) >= REQUIRED
+
+
+def test_iso_height_follows_the_measured_front_not_the_fit(body_model):
+    """The fitted front 20 mm low (a fit error): the measured surface wins, half of it moves the ISO, and it is flagged."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    base = make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    raised = pts + np.array([0.0, 0.0, 20.0])
+    p = make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, raised, -190.0, 250.0, -1000.0)
+    assert p.table_height_mm - base.table_height_mm == pytest.approx(10.0, abs=0.5)
+    assert p.body_thickness_mm - base.body_thickness_mm == pytest.approx(20.0, abs=0.5)
+    assert any(w["code"] == "MESH_DEPTH_DISAGREE" for w in p.warnings)
+    assert not any(w["code"] == "MESH_DEPTH_DISAGREE" for w in base.warnings)
+
+
+def test_iso_bottom_never_below_the_mattress(body_model):
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    yc = np.mean(list(make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+                      .scan_range_scanner_mm.values()))
+    back = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23]), 2].min()
+    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)  # the back on the mattress
+    sunk = make_plan(chest, v - [0.0, 0.0, 10.0], j, lv, dom, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)
+    # A fit 10 mm into the mattress: its back is cut at the mattress top, the ISO height stays.
+    assert sunk.table_height_mm == pytest.approx(base.table_height_mm, abs=0.5)
 
 
 def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
     v, j, lv, dom, pts = _body(body_model, "FFS", long_mm=-1000.0)
     spec = ScannerSpec(longitudinal_min_mm=-1000.0)  # cannot bring the head end in far enough
-    p = make_plan(load_protocol("whole_body"), v, j, lv, dom, "FFS", 0.9, 5.0, pts, 250.0, -1000.0, spec)
+    p = make_plan(load_protocol("whole_body"), v, j, lv, dom, "FFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
     assert any(w["code"] == "RANGE_CLIPPED" for w in p.warnings)
 
 
@@ -96,14 +130,14 @@ def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
 def test_unsafe_plans_are_refused(body_model, spec, code):
     v, j, lv, dom, pts = _body(body_model, "HFS", arms="up")
     with pytest.raises(PlanRefused, match=code):
-        make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, pts, 250.0, -1000.0, spec)
+        make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
 
 
 def test_region_out_of_view_is_refused(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
     legs_only = pts[pts[:, 1] < j[0, 1]]  # the camera saw only the legs
     with pytest.raises(PlanRefused, match="outside the camera's view"):
-        make_plan(load_protocol("head"), v, j, lv, dom, "HFS", 0.9, 5.0, legs_only, 250.0, -1000.0)
+        make_plan(load_protocol("head"), v, j, lv, dom, "HFS", 0.9, 5.0, legs_only, -190.0, 250.0, -1000.0)
 
 
 def test_patient_moved_is_detected(body_model):
