@@ -6,7 +6,9 @@
 2. Consistency: K patients, each captured at three table longitudinal positions
    (camera fixed in the room): spread of the table-frame range ends.
 3. Speed: `ctpos plan` as a fresh process (median of R runs) and in a running process.
-Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest]
+4. Margins: coverage and median overscan for every margin 0-40 mm, from the
+   margin-free signed errors of the range ends (a plot, --plot).
+Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest] [--plot docs/figures/x.png]
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ SEED0 = 40_000_000
 
 def accuracy(model, net, n: int, protocol: str) -> dict:
     from positioning.cli import plan_from_capture
-    from positioning.plan import PlanRefused, ScannerSpec
+    from positioning.plan import PlanRefused, ScannerSpec, load_protocol
     from positioning.segment import SegmentationError
     from sim.scene import load_config, sample_scene
     from sim.simulate import simulate
 
     cfg = load_config(None)
+    proto = load_protocol(protocol)
     rows, refused = [], Counter()
     for i in range(n):
         p = sample_scene(SEED0 + i, cfg, model.data.train["betas"])
@@ -49,7 +52,9 @@ def accuracy(model, net, n: int, protocol: str) -> dict:
                      "position_ok": plan.patient_position == t["patient_position"],
                      "iso_err": plan.table_height_mm - reg["ideal_table_height_mm"],
                      "over_cr": (pr["cranial"] - reg["cranial_y_mm"]) * hd,
-                     "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"]})
+                     "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"],
+                     "clipped": any(w["code"] == "RANGE_CLIPPED" for w in plan.warnings),
+                     "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"]})
     e = np.array([r["iso_err"] for r in rows])
     cov = np.array([r["over_cr"] >= -5 and r["over_ca"] >= -5 for r in rows])
     by = defaultdict(list)
@@ -57,7 +62,10 @@ def accuracy(model, net, n: int, protocol: str) -> dict:
         by[r["position"]].append(r["iso_err"])
         by[r["pose"]].append(r["iso_err"])
         by["BMI>=30" if r["bmi"] >= 30 else "BMI<30"].append(r["iso_err"])
+    free = [(r["over_cr"] - proto.cranial_margin_mm, r["over_ca"] - proto.caudal_margin_mm)
+             for r in rows if not r["clipped"]]
     return {"n": n, "planned": len(rows), "refused": dict(refused),
+            "margins_mm": [proto.cranial_margin_mm, proto.caudal_margin_mm],
             "iso_height_abs_err_mm": {"median": float(np.median(np.abs(e))), "p95": float(np.percentile(np.abs(e), 95)),
                                       "signed_median": float(np.median(e))},
             "covered_5mm": float(cov.mean()),
@@ -65,7 +73,45 @@ def accuracy(model, net, n: int, protocol: str) -> dict:
                             "caudal_median": float(np.median([r["over_ca"] for r in rows]))},
             "position_correct": float(np.mean([r["position_ok"] for r in rows])),
             "in_process_ms_median": float(np.median([r["ms"] for r in rows])),
+            "thickness_err_mm": {"median": float(np.median([r["thick_err"] for r in rows])),
+                                 "abs_p95": float(np.percentile(np.abs([r["thick_err"] for r in rows]), 95))},
+            "margin_free_end_errors": free,
             "iso_signed_median_by_group": {k: [len(v), float(np.median(v))] for k, v in sorted(by.items())}}
+
+
+def margin_curve(free: list[tuple[float, float]], margins=range(0, 41, 2)) -> list[dict]:
+    """Coverage (5 mm tolerance) and median overscan if both ends had margin m, from margin-free signed errors."""
+    e = np.array(free)
+    return [{"margin_mm": m, "covered_5mm": float(np.mean(np.all(e + m >= -5.0, axis=1))),
+             "cranial_covered": float(np.mean(e[:, 0] + m >= -5.0)), "caudal_covered": float(np.mean(e[:, 1] + m >= -5.0)),
+             "overscan_cranial_median": float(np.median(e[:, 0] + m)),
+             "overscan_caudal_median": float(np.median(e[:, 1] + m))} for m in margins]
+
+
+def plot_margins(curve: list[dict], protocol: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = [c["margin_mm"] for c in curve]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax[0].plot(m, [100 * c["cranial_covered"] for c in curve], label="cranial end")
+    ax[0].plot(m, [100 * c["caudal_covered"] for c in curve], label="caudal end")
+    ax[0].plot(m, [100 * c["covered_5mm"] for c in curve], "k", label="both")
+    ax[0].axhline(99, color="grey", ls=":")
+    ax[0].set(xlabel="margin (mm)", ylabel="region covered, 5 mm tolerance (%)", ylim=(50, 100.5))
+    ax[0].legend()
+    ax[1].plot(m, [c["overscan_cranial_median"] for c in curve], label="cranial")
+    ax[1].plot(m, [c["overscan_caudal_median"] for c in curve], label="caudal")
+    ax[1].axhline(43, color="grey", ls=":", label="technicians (43 mm)")
+    ax[1].axhline(15, color="grey", ls="--", label="target (15 mm)")
+    ax[1].set(xlabel="margin (mm)", ylabel="median overscan (mm)")
+    ax[1].legend()
+    fig.suptitle(f"{protocol}: margin against coverage and overscan (held-out simulated captures)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
 
 
 def consistency(model, net, k: int, protocol: str) -> dict:
@@ -127,12 +173,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--protocol", default="chest")
     ap.add_argument("--out", default="bench/out/planning.json")
+    ap.add_argument("--plot", type=Path, help="write the margin plot here (PNG)")
     a = ap.parse_args()
     model, net = load_body_model(), load_keypoint_net()
+    acc = accuracy(model, net, a.n, a.protocol)
+    curve = margin_curve(acc.pop("margin_free_end_errors"))
+    if a.plot:
+        plot_margins(curve, a.protocol, a.plot)
     res = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-           "protocol": a.protocol, "accuracy": accuracy(model, net, a.n, a.protocol),
-           "three_table_positions": consistency(model, net, a.k, a.protocol),
-           "fresh_process": fresh_process(a.protocol, a.runs)}
+           "protocol": a.protocol, "accuracy": acc, "margin_curve": curve[::5]}
+    if a.k:
+        res["three_table_positions"] = consistency(model, net, a.k, a.protocol)
+    if a.runs:
+        res["fresh_process"] = fresh_process(a.protocol, a.runs)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
