@@ -129,16 +129,17 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     if over.mean() > 0.05:
         raise SegmentationError(f"the patient lies over the table's edge ({over.mean() * 100:.0f} % of the "
                                 f"body surface at the edge)")
-    # Also off-table: body points outside the footprint at body height (an arm or leg hanging off).
-    outside = (~in_foot) & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM) & \
-              (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 250) & (pts_s[:, 1] < GANTRY_Y_S_MM)
-    if outside.sum() > 0.25 * body_pts.sum():
-        raise SegmentationError("the patient lies partly off the table")
     # Someone standing at the table: surfaces well above any lying body, beside or over it.
     tall = (above > MAX_BODY_HEIGHT_MM) & (above < 1500) & (pts_s[:, 1] < GANTRY_Y_S_MM) & \
            (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 400)
     if tall.sum() > 800:  # a head seen from above is ~1,500 points at 1 m
         raise SegmentationError("a person is standing at the table")
+    # Off the table: body points outside the footprint at body height (an arm or leg
+    # hanging off). Checked after the standing person, whose body is outside too.
+    outside = (~in_foot) & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM) & \
+              (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 250) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+    if outside.sum() > 0.25 * body_pts.sum():
+        raise SegmentationError("the patient lies partly off the table")
     hm[labels != body] = -np.inf
     hm_out = np.where(np.isfinite(hm), hm, np.nan).astype(np.float32)
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),

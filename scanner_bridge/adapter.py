@@ -78,7 +78,12 @@ class TableLimits:
 
 @dataclass(frozen=True)
 class ScannerStatus:
-    """One reading of the scanner. Positions mm, velocities mm/s, progress 0..1."""
+    """One reading of the scanner. Positions mm, velocities mm/s, progress 0..1.
+
+    time: when the encoders were sampled, on the scanner's clock (s). The daemon
+    judges encoder jumps against it, so a reply delayed in transit or a scanner
+    process briefly starved of CPU does not read as a jump.
+    """
 
     table_height_mm: float
     table_longitudinal_mm: float

@@ -110,7 +110,7 @@ class SimulatedScanner:
         return {"table_height_mm": self.h.pos, "table_longitudinal_mm": self.l.pos + self.encoder_offset,
                 "height_velocity_mm_s": self.h.vel, "longitudinal_velocity_mm_s": self.l.vel,
                 "moving": self.h.moving or self.l.moving, "scanning": self.scan is not None,
-                "scan_progress": self.scan_progress, "faults": sorted(self.faults)}
+                "scan_progress": self.scan_progress, "faults": sorted(self.faults), "sample_time": self._t}
 
     def handle(self, req: dict, now: float) -> dict | None:
         """Apply one request; None means: do not answer (a lost link)."""
@@ -219,7 +219,7 @@ class SimulatorAdapter(ScannerAdapter):
         r = self._call({"op": "status"})
         return ScannerStatus(r["table_height_mm"], r["table_longitudinal_mm"], r["height_velocity_mm_s"],
                              r["longitudinal_velocity_mm_s"], r["moving"], r["scanning"], r["scan_progress"],
-                             tuple(r["faults"]))
+                             tuple(r["faults"]), r["sample_time"])
 
     def move(self, table_height_mm: float, table_longitudinal_mm: float) -> MoveStatus:
         self._limits.check_target(table_height_mm, table_longitudinal_mm)

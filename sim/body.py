@@ -153,17 +153,56 @@ def resting_tilt(v: np.ndarray, max_tilt_deg: float = 25.0) -> np.ndarray:
     return rot.as_matrix()
 
 
+def limb_swings(v: np.ndarray, floor_z: float, limbs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                max_deg: float = 30.0) -> list[np.ndarray]:
+    """(3, 3) the rotation that swings each limb about its root until it no longer passes below floor_z.
+
+    v: (V, 3) vertices, z up. limbs: (w (V,) the limb's skinning weight, root (3,)
+    the joint it swings about, axis (3,) the swing axis: the line through the
+    body's two hips or two shoulders). A rigid body settled on its trunk still holds
+    its limbs where the pose put them: after a few degrees of tilt a straight leg's
+    heel is centimetres below the back. A patient's hip and shoulder give way, so
+    the limb swings up by the smallest angle that clears (up to max_deg; identity
+    when it already clears). Vertices follow by their weight (``swing``).
+    """
+    from scipy.spatial.transform import Rotation
+
+    steps = np.radians(np.arange(0.25, max_deg + 0.01, 0.25))
+    out = []
+    for w, root, axis in limbs:
+        rot = np.eye(3)
+        sel = w > 0.05
+        if v[sel, 2].min() < floor_z:
+            for ang in np.stack([steps, -steps], 1).ravel():
+                r = Rotation.from_rotvec(ang * axis / np.linalg.norm(axis)).as_matrix()
+                if swing(v[sel], w[sel], root, r)[:, 2].min() >= floor_z:
+                    rot = r
+                    break
+        out.append(rot)
+    return out
+
+
+def swing(p: np.ndarray, w: np.ndarray, root: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Points (N, 3) turned by r about root in proportion to their weight w (N,): a smooth hinge, like skinning."""
+    rel = p - root
+    return p + w[:, None] * (rel @ r.T - rel)
+
+
 def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
-               table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0
-               ) -> tuple[np.ndarray, ...]:
+               table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0,
+               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int]]] = ()) -> tuple[np.ndarray, ...]:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
 
-    The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's vertices),
-    then sinks sink_mm into mattress and soft tissue: what would pass below the
-    mattress top is flattened onto it (the back under a lying patient is flat). Its
-    pelvis lies lateral_mm off the table centre line, its gantry-side end head_gap_mm
-    below the table's head mark. Returns (vertices, joints, face points, levels) in S, mm.
+    The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's
+    vertices) and rests the trunk's lowest point on the mattress; its limbs swing
+    about their roots to rest on it too (``limb_swings``; limbs: (the limb's (V,)
+    skinning weight, its chain of joint indices from the root, the two joints whose
+    line is the swing axis)). It then sinks sink_mm into mattress and soft tissue: what would pass
+    below the mattress top is flattened onto it (the back under a lying patient is
+    flat). Its pelvis lies lateral_mm off the table centre line, its gantry-side end
+    head_gap_mm below the table's head mark. Returns (vertices, joints, face points,
+    levels) in S, mm.
     """
     c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
     yaw = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
@@ -175,8 +214,14 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
 
     v, jj, f = tf(verts), tf(joints), tf(face)
     lv = {k: tf(p) for k, p in levels.items()}
+    floor = v[balance, 2].min()
+    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a]) for w, chain, (a, b) in limbs])
+    for (w, chain, _), r in zip(limbs, rots):
+        root = jj[chain[0]].copy()
+        v = swing(v, w, root, r)
+        jj[list(chain)] = swing(jj[list(chain)], np.ones(len(chain)), root, r)
     # Table frame: z up from the tabletop surface, y along the table, origin at the head mark.
-    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), mattress_top_t - v[:, 2].min() - sink_mm])
+    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), mattress_top_t - floor - sink_mm])
     to_s = np.array([0.0, table_long_mm, -table_height_mm])
     out = [a + shift + to_s for a in (v, jj, f)]
     out[0][:, 2] = np.maximum(out[0][:, 2], mattress_top_t - table_height_mm)

@@ -138,6 +138,20 @@ def _trunk(model: BodyModel) -> np.ndarray:
     return np.isin(model.data.weights.argmax(1), [JOINT_INDEX[n] for n in TRUNK_JOINTS])
 
 
+def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int]]]:
+    """The four limbs for sim.body.place_body: (skinning weight (V,), joint chain from the root, swing axis joints)."""
+    w = model.data.weights
+    hips = (JOINT_INDEX["right_hip"], JOINT_INDEX["left_hip"])
+    shoulders = (JOINT_INDEX["right_shoulder"], JOINT_INDEX["left_shoulder"])
+    out = []
+    for side in ("left", "right"):
+        for chain, axis in (((f"{side}_hip", f"{side}_knee", f"{side}_ankle", f"{side}_foot"), hips),
+                            ((f"{side}_shoulder", f"{side}_elbow", f"{side}_wrist", f"{side}_hand"), shoulders)):
+            idx = tuple(JOINT_INDEX[n] for n in chain)
+            out.append((w[:, list(idx)].sum(1), idx, axis))
+    return out
+
+
 def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | None = None):
     """The scene's patient in S (mm): (own rest mesh or None, vertices, joints, face points, internal levels).
 
@@ -150,7 +164,7 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
     verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
                                             p.lateral_offset_mm, p.head_gap_mm, p.mattress_mm, p.table_height_mm,
-                                            p.table_longitudinal_mm, _trunk(model), p.sink_mm)
+                                            p.table_longitudinal_mm, _trunk(model), p.sink_mm, _limbs(model))
     return template, verts, joints, face, levels
 
 

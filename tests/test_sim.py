@@ -124,3 +124,31 @@ def test_bodies_straight_from_anny(body_model):
     assert truth["body_source"] == "anny" and 1400 < truth["stature_mm"] < 2300  # anny reaches 2.25 m
     assert 150 < abs(truth["protocols"]["chest"]["cranial_y_mm"] - truth["protocols"]["chest"]["caudal_y_mm"]) < 350
     assert (cap.depth > 0).mean() > 0.8
+
+
+def test_a_limb_below_the_back_swings_up_to_rest_on_the_mattress():
+    """A straight 'leg' whose far end is 60 mm below the floor swings about its root just enough; one above stays."""
+    from sim.body import limb_swings, swing
+
+    x = np.linspace(0.0, 900.0, 91)
+    leg = np.stack([np.zeros_like(x), -x, -x * 60.0 / 900.0], 1)  # from the hip at the origin, sloping down
+    w = np.clip(x / 150.0, 0, 1)  # blended near the hip, rigid beyond
+    up, flat = limb_swings(leg, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0])), (w, np.zeros(3), np.array([1.0, 0, 0]))])
+    lifted = swing(leg, w, np.zeros(3), up)
+    assert -5.0 <= lifted[:, 2].min() < -3.0  # rests on the floor, not above it
+    moved = np.linalg.norm(lifted - leg, axis=1)
+    assert moved[:10].max() < 5.0 and moved[-1] > 50.0  # the root barely moves, the far end rises
+    assert np.allclose(limb_swings(leg + [0, 0, 100.0], -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]))])[0], np.eye(3))
+
+
+def test_the_trunk_lies_on_the_mattress_in_every_scene(body_model):
+    """No scene balances the trunk on a heel or a hand: the back touches the mattress (less the sink)."""
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import _trunk, posed_patient
+
+    trunk = _trunk(body_model)
+    for seed in range(50_000_000, 50_000_012):  # includes FFP and arms-up scenes that used to float 35-73 mm
+        p = sample_scene(seed, load_config(None), body_model.data.train["betas"])
+        _, v, _, _, _ = posed_patient(p, body_model)
+        assert v[trunk, 2].min() - (p.mattress_mm - p.table_height_mm) < 0.01
+        assert v[:, 2].min() >= p.mattress_mm - p.table_height_mm - 0.01
