@@ -58,6 +58,21 @@ def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None):
     return plan_from_capture(cap, protocol, model, net, spec, read_ms)
 
 
+def forearms(per) -> np.ndarray:
+    """(K, 2, 3) elbow-wrist segments in S (mm): the fitted body's, and the keypoints' where confident."""
+    from positioning.keypoints import KEYPOINTS
+    from positioning.skeleton import JOINT_INDEX
+
+    segs = [[per.joints[JOINT_INDEX[f"{s}_elbow"]], per.joints[JOINT_INDEX[f"{s}_wrist"]]] for s in ("left", "right")]
+    if per.keypoints is not None:
+        kp = per.keypoints
+        for s in ("left", "right"):
+            e, w = KEYPOINTS.index(f"{s}_elbow"), KEYPOINTS.index(f"{s}_wrist")
+            if min(kp.confidence[e], kp.confidence[w]) > 0.3:
+                segs.append([kp.points_s[e], kp.points_s[w]])
+    return np.asarray(segs, dtype=np.float64)
+
+
 def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0):
     """Perceive and plan one Capture already in memory: (Plan, Perception), timings per stage in the plan."""
     from positioning.bodymodel import load_body_model
@@ -74,7 +89,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
                      per.segmentation.support_z_s, cap.scene.table_height_mm, cap.scene.table_longitudinal_mm,
-                     spec or ScannerSpec(), warnings)
+                     spec or ScannerSpec(), warnings, forearms(per), per.segmentation.on_table_s)
     t3 = time.perf_counter()
     timing = {"read_and_load": read_ms + (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
               "total": read_ms + (t3 - t0) * 1000}

@@ -11,7 +11,7 @@ from positioning.bodymodel import BodyModel
 from positioning.capture import Capture
 from positioning.fit import ARMS, FitResult, fit_body
 from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints
-from positioning.poses import POSITIONS
+from positioning.poses import ARM_POSES, POSITIONS
 from positioning.segment import Segmentation, segment_patient
 from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
 
@@ -54,14 +54,18 @@ def keypoints_as_joints(kp: Keypoints) -> tuple[np.ndarray, np.ndarray]:
 PRONE_SURE = 0.9
 # A wrist this far (mm) beyond its shoulder towards the head is a raised arm; this far below, a lowered one.
 ARM_UP_MM, ARM_DOWN_MM = 60.0, -60.0
+# A wrist this close (mm) to the body's midline rests on the trunk; this far, beside it.
+WRIST_OVER_TRUNK_MM, WRIST_BESIDE_TRUNK_MM = 130.0, 180.0
 
 
 def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(positions, arm poses) worth fitting, given the keypoints.
 
     The head direction is the network's (head against pelvis: not in doubt); supine
-    and prone are both tried unless the network is sure. The arms are 'up' or 'down'
-    when both wrists say so, else both are tried.
+    and prone are both tried unless the network is sure. The arms are 'up' when both
+    wrists lie beyond the shoulders towards the head; below the shoulders, 'down'
+    when both wrists lie beside the trunk and 'belly' when both lie over it (near the
+    body's midline), both when unclear; with the wrists split, all three are tried.
     """
     p = kp.prone_probability
     sure = max(p, 1.0 - p) >= PRONE_SURE
@@ -71,12 +75,16 @@ def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str
     axis /= max(float(np.linalg.norm(axis)), 1e-6)
     reach = [float((kp.points_s[k[f"{s}_wrist"], :2] - kp.points_s[k[f"{s}_shoulder"], :2]) @ axis)
              for s in ("left", "right")]
+    side = np.array([-axis[1], axis[0]])
+    mid = 0.5 * (kp.points_s[k["neck"], :2] + kp.points_s[k["pelvis"], :2])
+    off = [abs(float((kp.points_s[k[f"{s}_wrist"], :2] - mid) @ side)) for s in ("left", "right")]
     if min(reach) > ARM_UP_MM:
         arms = ("up",)
     elif max(reach) < ARM_DOWN_MM:
-        arms = ("down",)
+        arms = ("belly",) if max(off) < WRIST_OVER_TRUNK_MM else (
+            ("down",) if min(off) > WRIST_BESIDE_TRUNK_MM else ("down", "belly"))
     else:
-        arms = ARMS
+        arms = ARM_POSES
     return positions, arms
 
 

@@ -23,8 +23,16 @@ PROTOCOL_DIR = Path(__file__).parent / "protocols"
 SLAB_HALF_MM = 15.0
 # The measured front of the ISO slab: this percentile of its trunk points' heights
 # (the top without the sensor's outliers; docs/planning.md), from at least this many points.
-TOP_PERCENTILE = 95.0
+TOP_PERCENTILE = 90.0
 MIN_SLAB_POINTS = 20
+# Forearms and hands resting on the body are not its front: points within this
+# top-down distance of an elbow-wrist segment, or this far from a wrist (a hand can
+# point any way), are left out of the slab's front.
+FOREARM_RADIUS_MM, HAND_MM = 70.0, 180.0
+# A fitted back this close (mm) to the mattress top rests on it.
+BACK_CONTACT_MM = 15.0
+# A measured point belongs to the trunk's front when it lies this close to the fitted trunk.
+TRUNK_SURFACE_MM = 30.0
 LEVELS = ("lung_apex", "lung_base", "diaphragm_dome", "iliac_crest", "symphysis", "vertex", "skull_base", "soles")
 
 
@@ -146,13 +154,19 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
               dominant_joint: np.ndarray, patient_position: str, position_confidence: float, residual_mm: float,
               observed_points: np.ndarray, support_z_mm: float, table_height_mm: float,
               table_longitudinal_mm: float, spec: ScannerSpec = ScannerSpec(),
-              extra_warnings: list[dict[str, str]] | None = None) -> Plan:
+              extra_warnings: list[dict[str, str]] | None = None, forearms: np.ndarray | None = None,
+              on_table: np.ndarray | None = None) -> Plan:
     """The plan for one fitted body.
 
     vertices (V, 3), joints (24, 3), landmarks {name: (3,)}, observed_points (N, 3)
     (the segmented body's measured surface), support_z_mm (the mattress top's z):
     mm, frame S at capture; dominant_joint (V,): each vertex's main skinning joint
     (arms are left out of the ISO-centre slab). Table state as in the capture.
+    forearms: (K, 2, 3) elbow-wrist segments, mm, frame S (the keypoints' and the
+    fit's), whose points are not the body's front; the fitted joints' when None.
+    on_table: (M, 3) mm, frame S: everything measured at body height on and beside
+    the table (Segmentation.on_table_s), which the bore check counts as well;
+    observed_points when None.
     """
     head_dir = 1.0 if patient_position.startswith("H") else -1.0
     warnings = list(extra_warnings or [])
@@ -182,7 +196,11 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     # ISO centre: the AP middle of the trunk (arms out) in a slab at the region's centre.
     yc = 0.5 * (clipped["cranial"] + clipped["caudal"])
     trunk = ~np.isin(dominant_joint, list(ARM_JOINTS))
-    sec = slab_section(vertices, trunk, observed_points, support_z_mm, yc)
+    if forearms is None:
+        forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
+                             for s in ("left", "right")])
+    sec = slab_section(vertices, trunk, observed_points[~near_forearms(observed_points, forearms)], support_z_mm, yc,
+                       prone=patient_position.endswith("P"))
     if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
     top, bottom, x_c, lat, mesh_top = sec
@@ -195,7 +213,11 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         raise PlanRefused("TABLE_HEIGHT_OUT_OF_RANGE", f"the ISO-centre table height {iso_height:.0f} mm is outside "
                                                        f"the table's {spec.height_min_mm:.0f}-{spec.height_max_mm:.0f} mm")
     try:
-        move_height, clearance = bore_safe_height(vertices, iso_height, table_height_mm, clipped, spec)
+        # The measured surface counts as much as the fitted body: whatever the camera saw
+        # on the table (a bent knee, a hand over the edge, a pillow) enters the bore.
+        measured = observed_points if on_table is None else on_table
+        move_height, clearance = bore_safe_height(np.concatenate([vertices, measured]), iso_height,
+                                                  table_height_mm, clipped, spec)
     except PlanRefused as exc:
         if abs(x_c) > 30.0:  # the commonest cure: the patient moves to the table's middle
             raise PlanRefused(exc.code, f"{exc}; the patient lies {x_c:+.0f} mm off-centre") from None
@@ -221,16 +243,39 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
                 warnings)
 
 
+def near_forearms(points: np.ndarray, forearms: np.ndarray) -> np.ndarray:
+    """(N,) bool: points (N, 3) over a forearm or a hand, seen from above.
+
+    forearms: (K, 2, 3) elbow-wrist segments, mm, frame S. A point is over the
+    forearm within FOREARM_RADIUS_MM of the segment, over the hand within HAND_MM of the wrist.
+    """
+    out = np.zeros(len(points), bool)
+    xy = points[:, :2]
+    for elbow, wrist in forearms[:, :, :2]:
+        d = wrist - elbow
+        t = np.clip((xy - elbow) @ d / max(float(d @ d), 1e-6), 0.0, 1.0)
+        out |= np.linalg.norm(xy - (elbow + t[:, None] * d), axis=1) < FOREARM_RADIUS_MM
+        out |= np.linalg.norm(xy - wrist, axis=1) < HAND_MM
+    return out
+
+
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
-                 y_c: float) -> tuple[float, float, float, float, float] | None:
+                 y_c: float, prone: bool = False) -> tuple[float, float, float, float, float] | None:
     """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
     The front (top) is measured: the TOP_PERCENTILE of the observed points in the slab
-    whose nearest fitted vertex is trunk, so hands resting on the belly or chest do
-    not count. The camera cannot see the back, so the bottom is the fitted trunk's,
-    never below the mattress top. Without enough measured trunk points the fitted
-    front stands in. None when the fitted trunk has no cross-section there.
+    over the trunk's middle half whose nearest fitted vertex is trunk and within
+    TRUNK_SURFACE_MM (the caller leaves out the forearms and hands,
+    ``near_forearms``). The camera cannot see the underside. Supine, it is the
+    fitted trunk's back where that stands clear of the mattress (the hollow of the
+    lower back), and the mattress top where the fitted back comes within
+    BACK_CONTACT_MM of it (the back rests there; mattress and soft tissue give).
+    Prone, the front bears the weight: chest, belly and pelvis lie on the mattress,
+    so the bottom is the mattress top (a fitted front is not trusted to float above
+    it; docs/planning.md). Without enough measured
+    trunk points the fitted front stands in. None when the fitted trunk has no
+    cross-section there.
     """
     from scipy.spatial import cKDTree
 
@@ -238,14 +283,17 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     if len(s) < 10:
         return None
     mesh_top = float(s[:, 2].max())
-    bottom = max(float(s[:, 2].min()), support_z_mm)
+    back = float(s[:, 2].min())
+    bottom = support_z_mm if prone or back - support_z_mm < BACK_CONTACT_MM else back
     x_c, lat = 0.5 * float(s[:, 0].max() + s[:, 0].min()), float(s[:, 0].max() - s[:, 0].min())
     near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)
-    cand = observed_points[np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM]
+    # The front's top lies over the trunk's middle half; points at its flanks would read low.
+    cand = observed_points[(np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM)
+                           & (np.abs(observed_points[:, 0] - x_c) < 0.25 * lat)]
     top = mesh_top
     if near.sum() and len(cand) > MIN_SLAB_POINTS:
-        _, nn = cKDTree(vertices[near]).query(cand)
-        own = cand[trunk[near][nn]]
+        dist, nn = cKDTree(vertices[near]).query(cand)
+        own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
         if len(own) > MIN_SLAB_POINTS:
             top = float(np.percentile(own[:, 2], TOP_PERCENTILE))
     return top, bottom, x_c, lat, mesh_top
@@ -255,7 +303,7 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
                      spec: ScannerSpec) -> tuple[float, float]:
     """(table height, bore clearance mm): the ISO height if the body clears the bore there, else the nearest that does.
 
-    Only the part of the body that reaches the gantry during the move and the scan
+    vertices: (V, 3) mm, frame S at capture: the fitted body and the measured surface. Only the part of the body that reaches the gantry during the move and the scan
     counts (vertices (V, 3) mm, frame S at capture; range_s the scan's ends in S at
     capture). Raises PlanRefused when no reachable height clears the bore by the margin.
     """

@@ -23,8 +23,21 @@ POSITION_ROTATIONS = {
 }
 
 
+ARM_POSES = ("down", "up", "belly")
+
+
+def _turn(a, b):
+    """The smallest rotation (scipy Rotation) taking direction a onto direction b."""
+    from scipy.spatial.transform import Rotation
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return Rotation.align_vectors([b / np.linalg.norm(b)], [a / np.linalg.norm(a)])[0]
+
+
 def canonical_pose(arms: str) -> np.ndarray:
-    """(24, 3) a typical lying pose: arms 'down' (at the sides) or 'up' (above the head, elbows bent)."""
+    """(24, 3) a typical lying pose: arms 'down' (at the sides), 'up' (above the head,
+    elbows bent) or 'belly' (hands resting on the belly: upper arms down beside the
+    trunk and a little forward, forearms across the belly)."""
     p = np.zeros((NUM_JOINTS, 3))
     if arms == "down":
         p[J["left_shoulder"]] = [0, 0, -1.35]
@@ -36,6 +49,13 @@ def canonical_pose(arms: str) -> np.ndarray:
         p[J["right_shoulder"]] = [0, 0, -1.45]
         p[J["left_elbow"]] = [0, 0, 0.8]
         p[J["right_elbow"]] = [0, 0, -0.8]
+    elif arms == "belly":
+        for side, sg in (("left", 1.0), ("right", -1.0)):
+            # Body frame: y to the head, z to the front, x to the body's left; the T-pose arm points along sg * x.
+            upper = _turn([sg, 0.0, 0.0], [0.0, -1.0, 0.3])
+            fore = _turn(upper.apply([sg, 0.0, 0.0]), [-sg, 0.25, 0.3]) * upper
+            p[J[f"{side}_shoulder"]] = upper.as_rotvec()
+            p[J[f"{side}_elbow"]] = (upper.inv() * fore).as_rotvec()
     else:
         raise ValueError(f"unknown arm pose {arms!r}")
     for s, sg in (("left", 1), ("right", -1)):

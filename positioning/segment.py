@@ -49,6 +49,9 @@ class Segmentation:
     support_z_s: height of the support surface (mattress top) in S, mm.
     heightmap: (Hm, Wm) float32, mm above the support, 10 mm cells, NaN = empty;
     heightmap_origin_t: (x_T, y_T) of cell [0, 0]'s centre.
+    on_table_s: (M, 3) float32, mm, frame S: everything at body height over the
+    table and up to 250 mm beyond its sides (the patient, objects beside them, a
+    hand over the edge): what travels into the bore with the table.
     """
 
     points_s: np.ndarray
@@ -59,6 +62,7 @@ class Segmentation:
     area_m2: float
     objects: list[DetectedObject] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    on_table_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
 
 
 def support_height_t(z_t: np.ndarray) -> float:
@@ -145,4 +149,5 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),
                         float(support - sc.table_height_mm), hm_out,
                         (-FOOTPRINT_HALF_WIDTH_MM + CELL_MM / 2, y_lo + CELL_MM / 2), float(body_area), objects,
-                        warnings)
+                        warnings, pts_s[(cand | outside) & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)]
+                        .astype(np.float32))

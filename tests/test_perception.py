@@ -126,6 +126,7 @@ def test_fit_cli(sim_cases, tmp_path):
     ("up", 0.02, (("HFS",), ("up",))),
     ("up", 0.97, (("HFP",), ("up",))),
     ("down", 0.5, (("HFS", "HFP"), ("down",))),
+    ("belly", 0.02, (("HFS",), ("belly",))),
 ])
 def test_keypoints_choose_the_hypotheses_to_fit(body_model, arms, prone_p, expect):
     """The network's head direction is kept; supine/prone only when it is sure; the arms from the wrists."""

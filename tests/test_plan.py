@@ -63,34 +63,42 @@ def _body(model, position, long_mm=-1000.0, height_mm=250.0, arms="down"):
     shift = np.array([0.0, long_mm - 300.0 - v[:, 1].max(), 60.0 - height_mm - v[:, 2].min()])
     v, j = v + shift, j[:24] + shift
     lv = {k: p + shift for k, p in lv.items()}
-    return v, j, lv, model.data.weights.argmax(1), _seen_from_above(v, 60.0 - height_mm)
+    return v, j, lv, model.data.weights.argmax(1), _seen_from_above(v, model.faces, 60.0 - height_mm)
 
 
-def _seen_from_above(v, support_z, cell=8.0):
-    """What a ceiling camera and segmentation keep: the top vertex per 8 mm cell, 25 mm and more above the mattress."""
-    key = np.floor(v[:, :2] / cell).astype(np.int64)
-    order = np.lexsort((-v[:, 2], key[:, 1], key[:, 0]))
+def _seen_from_above(v, faces, support_z, cell=6.0):
+    """What a ceiling camera and segmentation keep: the mesh's top surface (6 points sampled on each
+    triangle, the highest per 6 mm cell), 25 mm and more above the mattress."""
+    w = np.random.default_rng(0).dirichlet(np.ones(3), size=(len(faces), 6))
+    p = np.einsum("fsk,fkc->fsc", w, v[faces]).reshape(-1, 3)
+    key = np.floor(p[:, :2] / cell).astype(np.int64)
+    order = np.lexsort((-p[:, 2], key[:, 1], key[:, 0]))
     first = np.ones(len(order), bool)
     first[1:] = np.any(np.diff(key[order], axis=0) != 0, axis=1)
-    top = v[order[first]]
+    top = p[order[first]]
     return top[top[:, 2] > support_z + 25.0]
 
 
 @pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP"])
 def test_chest_plan_geometry(body_model, position):
     v, j, lv, dom, pts = _body(body_model, position)
-    p = make_plan(load_protocol("chest"), v, j, lv, dom, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    chest = load_protocol("chest")
+    p = make_plan(chest, v, j, lv, dom, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     hd = 1 if position.startswith("H") else -1
-    # Cranial end is towards the head and 10 mm beyond the apex; the range is an adult's lungs.
-    assert (p.scan_range_scanner_mm["cranial"] - lv["lung_apex"][1]) * hd == pytest.approx(10.0, abs=0.01)
-    assert 200 < abs(p.scan_range_scanner_mm["cranial"] - p.scan_range_scanner_mm["caudal"]) < 360
+    # Each end lies its margin beyond its level, the cranial one towards the head; the range is an adult's lungs.
+    assert (p.scan_range_scanner_mm["cranial"] - lv["lung_apex"][1]) * hd == pytest.approx(chest.cranial_margin_mm)
+    assert (lv["lung_base"][1] - p.scan_range_scanner_mm["caudal"]) * hd == pytest.approx(chest.caudal_margin_mm)
+    assert 200 < abs(lv["lung_apex"][1] - lv["lung_base"][1]) < 360
     assert p.scan_range_table_mm["cranial"] == pytest.approx(p.scan_range_scanner_mm["cranial"] + 1000.0)
     # The ISO height brings the chest's AP middle to z = 0 (the measured front is its
-    # top surface's 95th percentile: a millimetre or two below the mesh's highest vertex).
+    # top surface's 90th percentile: a few millimetres below the mesh's highest vertex;
+    # the underside is the fitted back, or the mattress top when prone or when the back
+    # comes within 15 mm of it).
     yc = np.mean(list(p.scan_range_scanner_mm.values()))
     s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23])]
-    assert 0.5 * (s[:, 2].max() + s[:, 2].min()) + (250.0 - p.table_height_mm) == pytest.approx(0.0, abs=2.0)
-    assert 150 < p.body_thickness_mm < 300 and 0.8 < p.ssde_conversion_factor < 2.5
+    bottom = -190.0 if position.endswith("P") or s[:, 2].min() < -190.0 + 15.0 else s[:, 2].min()
+    assert 0.5 * (s[:, 2].max() + bottom) + (250.0 - p.table_height_mm) == pytest.approx(0.0, abs=2.0)
+    assert 150 < p.body_thickness_mm < 340 and 0.8 < p.ssde_conversion_factor < 2.5  # (prone: up to the mattress)
     assert p.bore_clearance_mm > 20 and set(p.to_json()) >= REQUIRED
 
 
@@ -104,6 +112,39 @@ def test_iso_height_follows_the_measured_front_not_the_fit(body_model):
     assert p.body_thickness_mm - base.body_thickness_mm == pytest.approx(20.0, abs=0.5)
     assert any(w["code"] == "MESH_DEPTH_DISAGREE" for w in p.warnings)
     assert not any(w["code"] == "MESH_DEPTH_DISAGREE" for w in base.warnings)
+
+
+def test_hands_on_the_chest_are_not_its_front(body_model):
+    """A hand held 100 mm over the chest, where the keypoints put the wrist: left out, the ISO height stays."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(base.scan_range_scanner_mm.values()))
+    top = pts[np.abs(pts[:, 1] - yc) < 15, 2].max()
+    g = np.mgrid[-60:60:6.0, -60:60:6.0].reshape(2, -1).T
+    hand = np.column_stack([g[:, 0], yc + g[:, 1], np.full(len(g), top + 100.0)])
+    seen = np.concatenate([pts[~((np.abs(pts[:, 0]) < 60) & (np.abs(pts[:, 1] - yc) < 60))], hand])
+    wrist = np.array([0.0, yc - 40.0, top + 90.0])
+    forearm = np.array([[[150.0, yc - 200.0, top], wrist]])
+    p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
+    assert p.table_height_mm == pytest.approx(base.table_height_mm, abs=3.0)
+    fooled = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0,
+                       forearms=np.zeros((0, 2, 3)))  # nobody said where the hand is: still not trunk (too far above it)
+    assert fooled.table_height_mm == pytest.approx(base.table_height_mm, abs=3.0)
+
+
+def test_bore_check_counts_what_the_camera_saw_beside_the_body(body_model):
+    """A hand hanging over the table's edge, seen but not fitted, makes the plan unsafe."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    spec = ScannerSpec(bore_diameter_mm=760.0)
+    make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)  # clears
+    yc = np.mean(j[[JOINT_INDEX["left_hip"], JOINT_INDEX["right_hip"]], 1])
+    g = np.mgrid[-40:40:5.0, -40:40:5.0].reshape(2, -1).T
+    hand = np.column_stack([-400.0 + g[:, 0], yc + g[:, 1], np.full(len(g), -100.0)])
+    with pytest.raises(PlanRefused, match="bore"):
+        make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
+                  on_table=np.concatenate([pts, hand]))
 
 
 def test_iso_bottom_never_below_the_mattress(body_model):
