@@ -119,6 +119,11 @@ def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_temp
     return verts, joints, face, levels
 
 
+# A patient on a flat table lies level to within a few degrees; a trunk hull that
+# would rest steeper (an obese belly prone, with the pelvis in the air) is laid on its flattest face instead.
+MAX_TILT_DEG = 10.0
+
+
 def resting_tilt(v: np.ndarray, max_tilt_deg: float = 25.0) -> np.ndarray:
     """(3, 3) the small rotation with which a rigid body settles on a flat support (z up).
 
@@ -153,31 +158,39 @@ def resting_tilt(v: np.ndarray, max_tilt_deg: float = 25.0) -> np.ndarray:
     return rot.as_matrix()
 
 
-def limb_swings(v: np.ndarray, floor_z: float, limbs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                max_deg: float = 30.0) -> list[np.ndarray]:
-    """(3, 3) the rotation that swings each limb about its root until it no longer passes below floor_z.
+def limb_swings(v: np.ndarray, floor_z: float, limbs: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]],
+                max_deg: float = 12.0) -> list[np.ndarray]:
+    """(3, 3) the rotation that swings each limb about its root to rest on floor_z.
 
     v: (V, 3) vertices, z up. limbs: (w (V,) the limb's skinning weight, root (3,)
     the joint it swings about, axis (3,) the swing axis: the line through the
-    body's two hips or two shoulders). A rigid body settled on its trunk still holds
+    body's two hips or two shoulders, drops: whether the limb also falls onto the
+    floor when it hangs in the air). A rigid body settled on its trunk still holds
     its limbs where the pose put them: after a few degrees of tilt a straight leg's
-    heel is centimetres below the back. A patient's hip and shoulder give way, so
-    the limb swings up by the smallest angle that clears (up to max_deg; identity
-    when it already clears). Vertices follow by their weight (``swing``).
+    heel is centimetres below the back, or a prone patient's knees float above the
+    mattress. Hip and shoulder give way: the limb swings by the smallest angle that
+    brings its lowest point within 2 mm above the floor (up, or for a dropping limb
+    down); when none up to max_deg does, by the one that comes closest. Identity
+    when it rests already. Vertices follow by their weight (``swing``).
     """
     from scipy.spatial.transform import Rotation
 
     steps = np.radians(np.arange(0.25, max_deg + 0.01, 0.25))
     out = []
-    for w, root, axis in limbs:
+    for w, root, axis, drops in limbs:
         rot = np.eye(3)
         sel = w > 0.05
-        if v[sel, 2].min() < floor_z:
+        low0 = v[sel, 2].min()
+        if low0 < floor_z or (drops and low0 > floor_z + 2.0):
+            gap = abs(low0 - floor_z)
             for ang in np.stack([steps, -steps], 1).ravel():
                 r = Rotation.from_rotvec(ang * axis / np.linalg.norm(axis)).as_matrix()
-                if swing(v[sel], w[sel], root, r)[:, 2].min() >= floor_z:
+                low = swing(v[sel], w[sel], root, r)[:, 2].min()
+                if floor_z <= low <= floor_z + 2.0:
                     rot = r
                     break
+                if (low >= floor_z) and abs(low - floor_z) < gap:
+                    rot, gap = r, abs(low - floor_z)
         out.append(rot)
     return out
 
@@ -191,14 +204,15 @@ def swing(p: np.ndarray, w: np.ndarray, root: np.ndarray, r: np.ndarray) -> np.n
 def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
                table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0,
-               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int]]] = ()) -> tuple[np.ndarray, ...]:
+               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], bool]] = ()) -> tuple[np.ndarray, ...]:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
 
     The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's
     vertices) and rests the trunk's lowest point on the mattress; its limbs swing
     about their roots to rest on it too (``limb_swings``; limbs: (the limb's (V,)
     skinning weight, its chain of joint indices from the root, the two joints whose
-    line is the swing axis)). It then sinks sink_mm into mattress and soft tissue: what would pass
+    line is the swing axis, whether it drops onto the mattress when in the air)).
+    It then sinks sink_mm into mattress and soft tissue: what would pass
     below the mattress top is flattened onto it (the back under a lying patient is
     flat). Its pelvis lies lateral_mm off the table centre line, its gantry-side end
     head_gap_mm below the table's head mark. Returns (vertices, joints, face points,
@@ -207,7 +221,7 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
     yaw = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     r = yaw @ POSITION_ROTATIONS[position]
-    r = resting_tilt(verts[balance] @ r.T) @ r
+    r = resting_tilt(verts[balance] @ r.T, MAX_TILT_DEG) @ r
 
     def tf(p):
         return (np.asarray(p) * 1000.0) @ r.T
@@ -215,8 +229,8 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     v, jj, f = tf(verts), tf(joints), tf(face)
     lv = {k: tf(p) for k, p in levels.items()}
     floor = v[balance, 2].min()
-    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a]) for w, chain, (a, b) in limbs])
-    for (w, chain, _), r in zip(limbs, rots):
+    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a], drops) for w, chain, (a, b), drops in limbs])
+    for (w, chain, _, _), r in zip(limbs, rots):
         root = jj[chain[0]].copy()
         v = swing(v, w, root, r)
         jj[list(chain)] = swing(jj[list(chain)], np.ones(len(chain)), root, r)

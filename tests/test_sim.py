@@ -127,18 +127,24 @@ def test_bodies_straight_from_anny(body_model):
 
 
 def test_a_limb_below_the_back_swings_up_to_rest_on_the_mattress():
-    """A straight 'leg' whose far end is 60 mm below the floor swings about its root just enough; one above stays."""
+    """A straight 'leg' whose far end is 60 mm below the floor swings about its root just enough; an arm above
+    stays; a leg in the air drops onto the floor."""
     from sim.body import limb_swings, swing
 
     x = np.linspace(0.0, 900.0, 91)
     leg = np.stack([np.zeros_like(x), -x, -x * 60.0 / 900.0], 1)  # from the hip at the origin, sloping down
     w = np.clip(x / 150.0, 0, 1)  # blended near the hip, rigid beyond
-    up, flat = limb_swings(leg, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0])), (w, np.zeros(3), np.array([1.0, 0, 0]))])
+    up, = limb_swings(leg, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), False)])
     lifted = swing(leg, w, np.zeros(3), up)
     assert -5.0 <= lifted[:, 2].min() < -3.0  # rests on the floor, not above it
     moved = np.linalg.norm(lifted - leg, axis=1)
     assert moved[:10].max() < 5.0 and moved[-1] > 50.0  # the root barely moves, the far end rises
-    assert np.allclose(limb_swings(leg + [0, 0, 100.0], -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]))])[0], np.eye(3))
+    high = leg + [0, 0, 100.0]
+    assert np.allclose(limb_swings(high, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), False)])[0], np.eye(3))
+    # A leg that drops (a prone patient's knee in the air) comes down onto the floor.
+    floating = np.stack([np.zeros_like(x), -x, x * 60.0 / 900.0], 1)
+    down, = limb_swings(floating, -30.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), True)])
+    assert -30.0 <= swing(floating, w, np.zeros(3), down)[:, 2].min() <= -25.0  # within a 0.25° step
 
 
 def test_the_trunk_lies_on_the_mattress_in_every_scene(body_model):
