@@ -140,6 +140,7 @@ def plot_margins(curve: list[dict], protocol: str, out: Path) -> None:
 def consistency(model, net, k: int, protocol: str) -> dict:
     from positioning.cli import plan_from_capture
     from positioning.plan import PlanRefused, ScannerSpec
+    from positioning.segment import SegmentationError
     from sim.scene import load_config, sample_scene, with_table_at
     from sim.simulate import simulate
 
@@ -153,7 +154,7 @@ def consistency(model, net, k: int, protocol: str) -> dict:
             cap, _ = simulate(q, model)
             try:
                 plan, _ = plan_from_capture(cap, protocol, model, net, ScannerSpec(bore_diameter_mm=800.0))
-            except PlanRefused:
+            except (PlanRefused, SegmentationError):
                 break
             ends.append([plan.scan_range_table_mm["cranial"], plan.scan_range_table_mm["caudal"]])
         if len(ends) == 3:
@@ -170,10 +171,19 @@ def fresh_process(protocol: str, runs: int) -> dict:
     from sim.scene import load_config, sample_scene
     from sim.simulate import simulate
 
+    from positioning.cli import plan_from_capture
+    from positioning.plan import PlanRefused, ScannerSpec
+
     model = load_body_model()
     with tempfile.TemporaryDirectory() as tmp:
-        p = sample_scene(SEED0 + 999, load_config(None), model.data.train["betas"])
-        cap, t = simulate(p, model)
+        for seed in range(SEED0 + 999, SEED0 + 1099):  # the first scene that plans with the CLI's default 700 mm bore
+            p = sample_scene(seed, load_config(None), model.data.train["betas"])
+            cap, t = simulate(p, model)
+            try:
+                plan_from_capture(cap, protocol, model, None, ScannerSpec())
+                break
+            except PlanRefused:
+                continue
         case = write_capture(Path(tmp) / "case", cap, t)
         wall, inner = [], []
         for _ in range(runs):
@@ -183,7 +193,8 @@ def fresh_process(protocol: str, runs: int) -> dict:
             wall.append((time.perf_counter() - t0) * 1000)
             if r.returncode == 0:
                 inner.append(json.loads(r.stdout)["timing_ms"]["total"])
-    return {"runs": runs, "wall_ms_median": float(np.median(wall)), "reported_total_ms_median": float(np.median(inner))}
+    return {"runs": runs, "seed": p.seed, "planned": len(inner), "wall_ms_median": float(np.median(wall)),
+            "reported_total_ms_median": float(np.median(inner)) if inner else None}
 
 
 def main() -> None:
