@@ -26,7 +26,10 @@ def _main(args: argparse.Namespace) -> int:
     print(f"  table height error {pv['table_height_error_mm']:+.1f} mm; overscan cranial "
           f"{pv['overscan_cranial_mm']:+.1f} mm, caudal {pv['overscan_caudal_mm']:+.1f} mm")
     if "iso_error_mm" in s:
-        print(f"  ISO-centre error before {s['iso_error_mm']['before']:+.1f} mm, after {s['iso_error_mm']['after']:+.1f} mm")
+        e = s["iso_error_mm"]
+        print(f"  ISO-centre error before {e['before']:+.1f} mm, after {e['after']:+.1f} mm"
+              + (f" (of which {e['bore_compromise']:+.1f} mm set by the plan to keep clear of the bore)"
+                 if e["bore_compromise"] else ""))
     print(f"  total {sum(v for k, v in s['stages_s'].items() if k != 'total'):.1f} s")
     print(f"report: {(out / 'report.md').resolve()}")
     return 0

@@ -174,7 +174,9 @@ def write_report(out: Path, summary: dict, capture, truth: dict, per, plan: dict
         e = summary["iso_error_mm"]
         lines += ["## ISO-centring against the truth", "",
                   _md_table([("region centre from the isocentre, before", f"{e['before']:+} mm"),
-                             ("after centring (at scan start)", f"{e['after']:+} mm")]), ""]
+                             ("after centring (at scan start)", f"{e['after']:+} mm"),
+                             ("of which the plan set to keep clear of the bore", f"{e['bore_compromise']:+} mm")]),
+                  ""]
     lines += ["![side view](side.png)", ""]
     if trace.t:
         lines += ["## Table telemetry", "", "![telemetry](telemetry.png)", "",

@@ -29,9 +29,12 @@ def test_small_exam_runs_through_and_centres_the_patient(tmp_path):
     s = run_exam(ExamConfig(out=out, seed=3, simulated_technician=True))
     assert s["outcome"] == "scan done"
     assert s["plan_vs_truth"]["position_correct"]
-    # Centring moved the region's centre from far off to near the isocentre (the accuracy table is in docs/).
-    assert abs(s["iso_error_mm"]["before"]) > 100 and abs(s["iso_error_mm"]["after"]) < 20
+    # Centring moved the region's centre from far off to near the isocentre (the accuracy table is in docs/),
+    # apart from any offset the plan chose, with a warning, to keep the body clear of the bore.
+    e = s["iso_error_mm"]
+    assert abs(e["before"]) > 100 and abs(e["after"] - e["bore_compromise"]) < 20
     plan = json.loads((out / "plan.json").read_text())
+    assert (e["bore_compromise"] != 0) == any(w["code"] == "ISO_COMPROMISED" for w in plan["warnings"])
     st = s["table_at_scan_start"]
     assert abs(st["table_height_mm"] - plan["move_table_height_mm"]) < 1.0
     assert abs(st["table_longitudinal_mm"] + plan["scan_range_table_mm"]["cranial"]) < 1.0
