@@ -5,7 +5,8 @@
    overscan (chest), position, refusals and why.
 2. Consistency: K patients, each captured at three table longitudinal positions
    (camera fixed in the room): spread of the table-frame range ends.
-3. Speed: `ctpos plan` as a fresh process (median of R runs) and in a running process.
+3. Speed: `ctpos plan` as a fresh process (median of R runs) and in a running process: cold, and a
+   warm re-plan of the next frame (new sensor noise) started from the first frame's fit.
 4. Margins: coverage and median overscan for every margin 0-40 mm, from the
    margin-free signed errors of the range ends (a plot, --plot).
 Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest] [--plot docs/figures/x.png]
@@ -13,6 +14,7 @@ Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -44,7 +46,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
         reg = t["protocols"][protocol]
         true_v = posed_patient(p, model)[1]
         try:
-            plan, _ = plan_from_capture(cap, protocol, model, net, spec)
+            plan, per = plan_from_capture(cap, protocol, model, net, spec)
         except (PlanRefused, SegmentationError) as exc:
             code = getattr(exc, "code", "SEGMENTATION")
             refused[code] += 1
@@ -56,6 +58,13 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
                 except PlanRefused:
                     bore["refused, true body collides"] += 1
             continue
+        # A running console re-plans the next frame (new sensor noise, same patient) from this one's fit.
+        cap2, _ = simulate(dataclasses.replace(p, seed=p.seed + 1), model)
+        try:
+            plan2, _ = plan_from_capture(cap2, protocol, model, net, spec, warm=per)
+            warm = {"warm_ms": plan2.timing_ms["total"], "warm_iso_err": plan2.table_height_mm - reg["ideal_table_height_mm"]}
+        except (PlanRefused, SegmentationError) as exc:
+            warm = {"warm_refused": str(exc)}
         clear = true_clearance(true_v, plan, p.table_height_mm, spec)
         bore["planned, true body clears by the margin" if clear >= spec.clearance_margin_mm else
              "planned, true body inside the margin" if clear >= 0 else "planned, TRUE BODY HITS THE BORE"] += 1
@@ -67,7 +76,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
                      "over_cr": (pr["cranial"] - reg["cranial_y_mm"]) * hd,
                      "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"],
                      "clipped": any(w["code"] == "RANGE_CLIPPED" for w in plan.warnings),
-                     "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"]})
+                     "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"], **warm})
     e = np.array([r["iso_err"] for r in rows])
     cov = np.array([r["over_cr"] >= -5 and r["over_ca"] >= -5 for r in rows])
     by = defaultdict(list)
@@ -75,6 +84,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
         by[r["position"]].append(r["iso_err"])
         by[r["pose"]].append(r["iso_err"])
         by["BMI>=30" if r["bmi"] >= 30 else "BMI<30"].append(r["iso_err"])
+    w = [r for r in rows if "warm_ms" in r]
     free = [(r["over_cr"] - proto.cranial_margin_mm, r["over_ca"] - proto.caudal_margin_mm)
              for r in rows if not r["clipped"]]
     return {"n": n, "planned": len(rows), "refused": dict(refused), "bore_check_vs_truth": dict(bore),
@@ -86,6 +96,10 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
                             "caudal_median": float(np.median([r["over_ca"] for r in rows]))},
             "position_correct": float(np.mean([r["position_ok"] for r in rows])),
             "in_process_ms_median": float(np.median([r["ms"] for r in rows])),
+            "warm_replan": {"planned": len(w), "refused": len(rows) - len(w),
+                            "ms_median": float(np.median([r["warm_ms"] for r in w])),
+                            "iso_abs_err_mm_median": float(np.median(np.abs([r["warm_iso_err"] for r in w]))),
+                            "iso_abs_err_mm_p95": float(np.percentile(np.abs([r["warm_iso_err"] for r in w]), 95))},
             "thickness_err_mm": {"median": float(np.median([r["thick_err"] for r in rows])),
                                  "abs_p95": float(np.percentile(np.abs([r["thick_err"] for r in rows]), 95))},
             "margin_free_end_errors": free,
@@ -211,12 +225,14 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write the margin plot here (PNG)")
     a = ap.parse_args()
     model, net = load_body_model(), load_keypoint_net()
-    acc = accuracy(model, net, a.n, a.protocol, a.seed0)
-    curve = margin_curve(acc.pop("margin_free_end_errors"))
-    if a.plot:
-        plot_margins(curve, a.protocol, a.plot)
     res = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-           "protocol": a.protocol, "accuracy": acc, "margin_curve": curve[::5]}
+           "protocol": a.protocol}
+    if a.n:
+        acc = accuracy(model, net, a.n, a.protocol, a.seed0)
+        curve = margin_curve(acc.pop("margin_free_end_errors"))
+        if a.plot:
+            plot_margins(curve, a.protocol, a.plot)
+        res.update(accuracy=acc, margin_curve=curve[::5])
     if a.k:
         res["three_table_positions"] = consistency(model, net, a.k, a.protocol)
     if a.runs:

@@ -73,8 +73,11 @@ def forearms(per) -> np.ndarray:
     return np.asarray(segs, dtype=np.float64)
 
 
-def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0):
-    """Perceive and plan one Capture already in memory: (Plan, Perception), timings per stage in the plan."""
+def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0, warm=None):
+    """Perceive and plan one Capture already in memory: (Plan, Perception), timings per stage in the plan.
+
+    warm: the Perception of an earlier frame of the same patient (a running console re-planning), to start the fit from.
+    """
     from positioning.bodymodel import load_body_model
     from positioning.perceive import perceive
     from positioning.plan import ScannerSpec, load_protocol, make_plan
@@ -83,7 +86,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     proto = load_protocol(protocol)
     model = model or load_body_model()
     t1 = time.perf_counter()
-    per = perceive(cap, model, net)
+    per = perceive(cap, model, net, warm=warm)
     t2 = time.perf_counter()
     warnings = [{"code": "OBJECT_BESIDE_PATIENT", "message": w} for w in per.segmentation.warnings]
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),

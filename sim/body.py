@@ -67,7 +67,10 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
             _set(p, f"{s}_knee", [k, 0, 0])
             _set(p, f"{s}_ankle", [u(0.5, 0.9), 0, 0])
     elif name == "knees_bent":
-        h, k = u(0.35, 0.6), u(0.6, 1.0)
+        # Supine, a cushion under the knees and the heels on the mattress: thigh and shin are about as long, so
+        # the knee bends about twice as far as the hip (more would pull the heel under the thigh, less lifts it).
+        h = u(0.35, 0.6)
+        k = 2.0 * h + u(-0.05, 0.1)
         for s in ("left", "right"):
             _set(p, f"{s}_hip", [-h, 0, 0])
             _set(p, f"{s}_knee", [k, 0, 0])
@@ -158,39 +161,45 @@ def resting_tilt(v: np.ndarray, max_tilt_deg: float = 25.0) -> np.ndarray:
     return rot.as_matrix()
 
 
-def limb_swings(v: np.ndarray, floor_z: float, limbs: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]],
-                max_deg: float = 12.0) -> list[np.ndarray]:
+def limb_swings(v: np.ndarray, floor_z: float,
+                limbs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
+                max_deg: float = 25.0) -> list[np.ndarray]:
     """(3, 3) the rotation that swings each limb about its root to rest on floor_z.
 
     v: (V, 3) vertices, z up. limbs: (w (V,) the limb's skinning weight, root (3,)
     the joint it swings about, axis (3,) the swing axis: the line through the
-    body's two hips or two shoulders, drops: whether the limb also falls onto the
-    floor when it hangs in the air). A rigid body settled on its trunk still holds
-    its limbs where the pose put them: after a few degrees of tilt a straight leg's
-    heel is centimetres below the back, or a prone patient's knees float above the
-    mattress. Hip and shoulder give way: the limb swings by the smallest angle that
-    brings its lowest point within 2 mm above the floor (up, or for a dropping limb
-    down); when none up to max_deg does, by the one that comes closest. Identity
-    when it rests already. Vertices follow by their weight (``swing``).
+    body's two hips or two shoulders, drop: None, or (V,) the weight of the limb's
+    far part (a leg from the knee down), which falls onto the floor when it hangs in
+    the air). A rigid body settled on its trunk still holds its limbs where the pose
+    put them: after a few degrees of tilt a straight leg's heel is centimetres below
+    the back, or floats above the mattress while the buttock rests on it. Hip and
+    shoulder give way: the limb swings by the smallest angle that brings the lowest
+    point of its rigid part (an arm beyond the shoulder's blend, a leg from the knee
+    down) within 2 mm above the floor, from below, or for a dropping limb from above;
+    when none up to max_deg does, by the one that comes closest. Identity when it rests already. Vertices follow by their weight
+    (``swing``).
     """
     from scipy.spatial.transform import Rotation
 
     steps = np.radians(np.arange(0.25, max_deg + 0.01, 0.25))
     out = []
-    for w, root, axis, drops in limbs:
+    for w, root, axis, drop in limbs:
         rot = np.eye(3)
-        sel = w > 0.05
-        low0 = v[sel, 2].min()
-        if low0 < floor_z or (drops and low0 > floor_z + 2.0):
-            gap = abs(low0 - floor_z)
-            for ang in np.stack([steps, -steps], 1).ravel():
-                r = Rotation.from_rotvec(ang * axis / np.linalg.norm(axis)).as_matrix()
-                low = swing(v[sel], w[sel], root, r)[:, 2].min()
-                if floor_z <= low <= floor_z + 2.0:
-                    rot = r
-                    break
-                if (low >= floor_z) and abs(low - floor_z) < gap:
-                    rot, gap = r, abs(low - floor_z)
+        # Only the limb's rigid part decides: what lies beside the root (a buttock) hardly moves with the swing.
+        far = (w > 0.5) if drop is None else (drop > 0.5)
+        low0 = v[far, 2].min()
+        if not (low0 < floor_z or (drop is not None and low0 > floor_z + 2.0)):
+            out.append(rot)
+            continue
+        gap = abs(low0 - floor_z)
+        for ang in np.stack([steps, -steps], 1).ravel():
+            r = Rotation.from_rotvec(ang * axis / np.linalg.norm(axis)).as_matrix()
+            low = swing(v[far], w[far], root, r)[:, 2].min()
+            if floor_z <= low <= floor_z + 2.0:
+                rot = r
+                break
+            if (low >= floor_z) and abs(low - floor_z) < gap:
+                rot, gap = r, abs(low - floor_z)
         out.append(rot)
     return out
 
@@ -204,14 +213,16 @@ def swing(p: np.ndarray, w: np.ndarray, root: np.ndarray, r: np.ndarray) -> np.n
 def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
                table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0,
-               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], bool]] = ()) -> tuple[np.ndarray, ...]:
+               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]] = ()
+               ) -> tuple[np.ndarray, ...]:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
 
     The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's
     vertices) and rests the trunk's lowest point on the mattress; its limbs swing
     about their roots to rest on it too (``limb_swings``; limbs: (the limb's (V,)
     skinning weight, its chain of joint indices from the root, the two joints whose
-    line is the swing axis, whether it drops onto the mattress when in the air)).
+    line is the swing axis, None or the (V,) weight of its far part, which drops onto
+    the mattress when in the air)).
     It then sinks sink_mm into mattress and soft tissue: what would pass
     below the mattress top is flattened onto it (the back under a lying patient is
     flat). Its pelvis lies lateral_mm off the table centre line, its gantry-side end
@@ -229,7 +240,7 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     v, jj, f = tf(verts), tf(joints), tf(face)
     lv = {k: tf(p) for k, p in levels.items()}
     floor = v[balance, 2].min()
-    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a], drops) for w, chain, (a, b), drops in limbs])
+    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a], drop) for w, chain, (a, b), drop in limbs])
     for (w, chain, _, _), r in zip(limbs, rots):
         root = jj[chain[0]].copy()
         v = swing(v, w, root, r)

@@ -138,19 +138,19 @@ def _trunk(model: BodyModel) -> np.ndarray:
     return np.isin(model.data.weights.argmax(1), [JOINT_INDEX[n] for n in TRUNK_JOINTS])
 
 
-def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], bool]]:
+def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]]:
     """The four limbs for sim.body.place_body: (skinning weight (V,), joint chain from the root, swing axis
-    joints, drops). Legs drop onto the mattress; arms do not (a hand may rest on the belly)."""
+    joints, the far part's weight or None). A leg's far part (knee down) drops onto the mattress; arms do not
+    drop (a hand may rest on the belly)."""
     w = model.data.weights
     hips = (JOINT_INDEX["right_hip"], JOINT_INDEX["left_hip"])
     shoulders = (JOINT_INDEX["right_shoulder"], JOINT_INDEX["left_shoulder"])
     out = []
     for side in ("left", "right"):
-        for chain, axis, drops in (((f"{side}_hip", f"{side}_knee", f"{side}_ankle", f"{side}_foot"), hips, True),
-                                   ((f"{side}_shoulder", f"{side}_elbow", f"{side}_wrist", f"{side}_hand"), shoulders,
-                                    False)):
-            idx = tuple(JOINT_INDEX[n] for n in chain)
-            out.append((w[:, list(idx)].sum(1), idx, axis, drops))
+        leg = tuple(JOINT_INDEX[f"{side}_{j}"] for j in ("hip", "knee", "ankle", "foot"))
+        arm = tuple(JOINT_INDEX[f"{side}_{j}"] for j in ("shoulder", "elbow", "wrist", "hand"))
+        out.append((w[:, list(leg)].sum(1), leg, hips, w[:, list(leg[1:])].sum(1)))
+        out.append((w[:, list(arm)].sum(1), arm, shoulders, None))
     return out
 
 

@@ -128,33 +128,42 @@ def test_bodies_straight_from_anny(body_model):
 
 def test_a_limb_below_the_back_swings_up_to_rest_on_the_mattress():
     """A straight 'leg' whose far end is 60 mm below the floor swings about its root just enough; an arm above
-    stays; a leg in the air drops onto the floor."""
+    stays; a leg whose calf hangs in the air drops onto the floor."""
     from sim.body import limb_swings, swing
 
     x = np.linspace(0.0, 900.0, 91)
     leg = np.stack([np.zeros_like(x), -x, -x * 60.0 / 900.0], 1)  # from the hip at the origin, sloping down
     w = np.clip(x / 150.0, 0, 1)  # blended near the hip, rigid beyond
-    up, = limb_swings(leg, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), False)])
+    up, = limb_swings(leg, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), None)])
     lifted = swing(leg, w, np.zeros(3), up)
     assert -5.0 <= lifted[:, 2].min() < -3.0  # rests on the floor, not above it
     moved = np.linalg.norm(lifted - leg, axis=1)
     assert moved[:10].max() < 5.0 and moved[-1] > 50.0  # the root barely moves, the far end rises
     high = leg + [0, 0, 100.0]
-    assert np.allclose(limb_swings(high, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), False)])[0], np.eye(3))
-    # A leg that drops (a prone patient's knee in the air) comes down onto the floor.
-    floating = np.stack([np.zeros_like(x), -x, x * 60.0 / 900.0], 1)
-    down, = limb_swings(floating, -30.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), True)])
-    assert -30.0 <= swing(floating, w, np.zeros(3), down)[:, 2].min() <= -25.0  # within a 0.25° step
+    assert np.allclose(limb_swings(high, -5.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), None)])[0], np.eye(3))
+    # A leg whose root rests on the floor (a buttock) but whose far part is 150 mm up (a calf in the air)
+    # comes down until the far part rests.
+    floating = np.stack([np.zeros_like(x), -x, x * 150.0 / 900.0], 1)
+    far = (x > 450).astype(float)
+    down, = limb_swings(floating, 0.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), far)])
+    dropped = swing(floating, w, np.zeros(3), down)
+    assert 0.0 <= dropped[far > 0, 2].min() <= 2.0
+    assert np.allclose(limb_swings(floating, 0.0, [(w, np.zeros(3), np.array([1.0, 0, 0]), None)])[0], np.eye(3))
 
 
 def test_the_trunk_lies_on_the_mattress_in_every_scene(body_model):
-    """No scene balances the trunk on a heel or a hand: the back touches the mattress (less the sink)."""
+    """No scene balances the trunk on a heel or a hand: the back touches the mattress (less the sink), and a
+    supine patient's legs rest on it rather than hang in the air."""
     from sim.scene import load_config, sample_scene
-    from sim.simulate import _trunk, posed_patient
+    from sim.simulate import _limbs, _trunk, posed_patient
 
     trunk = _trunk(body_model)
     for seed in range(50_000_000, 50_000_012):  # includes FFP and arms-up scenes that used to float 35-73 mm
         p = sample_scene(seed, load_config(None), body_model.data.train["betas"])
         _, v, _, _, _ = posed_patient(p, body_model)
-        assert v[trunk, 2].min() - (p.mattress_mm - p.table_height_mm) < 0.01
-        assert v[:, 2].min() >= p.mattress_mm - p.table_height_mm - 0.01
+        mattress = p.mattress_mm - p.table_height_mm
+        assert v[trunk, 2].min() - mattress < 0.01
+        assert v[:, 2].min() >= mattress - 0.01
+        if p.patient_position.endswith("S"):  # supine, the calves or heels rest on it too
+            for _, _, _, far in (limb for limb in _limbs(body_model) if limb[3] is not None):
+                assert v[far > 0.5, 2].min() - mattress < 3.0, (seed, p.pose)
