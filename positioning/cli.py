@@ -92,7 +92,8 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
                      per.segmentation.support_z_s, cap.scene.table_height_mm, cap.scene.table_longitudinal_mm,
-                     spec or ScannerSpec(), warnings, forearms(per), per.segmentation.on_table_s)
+                     spec or ScannerSpec(), warnings, forearms(per),
+                     np.concatenate([per.segmentation.on_table_s, per.segmentation.hidden_s]))
     t3 = time.perf_counter()
     timing = {"read_and_load": read_ms + (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
               "total": read_ms + (t3 - t0) * 1000}

@@ -165,8 +165,8 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     forearms: (K, 2, 3) elbow-wrist segments, mm, frame S (the keypoints' and the
     fit's), whose points are not the body's front; the fitted joints' when None.
     on_table: (M, 3) mm, frame S: everything measured at body height on and beside
-    the table (Segmentation.on_table_s), which the bore check counts as well;
-    observed_points when None.
+    the table and the hidden ends of the camera rays through it (Segmentation.on_table_s
+    and .hidden_s), which the bore check counts as well; observed_points when None.
     """
     head_dir = 1.0 if patient_position.startswith("H") else -1.0
     warnings = list(extra_warnings or [])

@@ -35,6 +35,14 @@ def test_segmentation_finds_the_patient_on_its_support(sim_cases):
         pel = np.array(t["joints_scanner_mm"]["pelvis"])
         d = np.linalg.norm(seg.points_s[:, :2] - pel[:2], axis=1)
         assert d.min() < 30
+        # What the body hides: each ray's end 40 mm further down (not below 25 mm over the mattress), further
+        # from the camera than its point.
+        cam = cap.scene.camera_to_scanner[:3, 3]
+        assert len(seg.hidden_s) > 0.9 * len(seg.on_table_s)
+        assert seg.hidden_s[:, 2].min() > seg.support_z_s + 25.0 - 0.1
+        assert 30.0 < np.median(seg.on_table_s[:, 2]) - np.median(seg.hidden_s[:, 2]) < 40.1
+        assert np.linalg.norm(seg.hidden_s[:, :2] - cam[:2], axis=1).mean() > \
+            np.linalg.norm(seg.on_table_s[:, :2] - cam[:2], axis=1).mean()
 
 
 def test_object_beside_the_patient_is_reported_not_fitted(body_model):

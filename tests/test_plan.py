@@ -147,6 +147,37 @@ def test_bore_check_counts_what_the_camera_saw_beside_the_body(body_model):
                   on_table=np.concatenate([pts, hand]))
 
 
+def test_bore_check_counts_what_the_camera_could_not_see_below_a_flank(body_model):
+    """An obese flank seen from above at its widest: below it the camera sees nothing, and the body may bulge
+    further out along the camera's rays. A bore that clears what was seen by just the margin is not enough."""
+    from positioning.segment import hidden_ends
+
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    yc = np.mean(j[[JOINT_INDEX["left_hip"], JOINT_INDEX["neck"]], 1])
+    ys = np.arange(yc - 200.0, yc + 200.0, 5.0)
+    flank = np.column_stack([np.full(len(ys), -320.0), ys, np.full(len(ys), -60.0)])  # 130 mm above the mattress
+    seen = np.concatenate([pts, flank])
+    iso = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
+                    ScannerSpec(bore_diameter_mm=2000.0), on_table=seen).table_height_mm
+    everything = np.concatenate([v, seen])
+    reach = np.sqrt(everything[:, 0] ** 2 + (everything[:, 2] + 250.0 - iso) ** 2).max()
+    spec = ScannerSpec(bore_diameter_mm=2 * (reach + 20.0 + 1.0))  # what was seen clears by the margin + 1 mm
+    plan = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec, on_table=seen)
+    assert plan.move_table_height_mm == pytest.approx(iso) and not plan.warnings
+    cam = np.array([0.0, yc, 1500.0])
+    to_floor = hidden_ends(flank, cam, -190.0 + 25.0, depth_mm=1000.0)
+    assert np.allclose(to_floor[:, 0], -320.0 * 1665.0 / 1560.0) and np.allclose(to_floor[:, 2], -165.0)
+    hidden = hidden_ends(flank, cam, -190.0 + 25.0)  # HIDDEN_DEPTH_MM below the flank
+    assert np.allclose(hidden[:, 0], -320.0 * 1600.0 / 1560.0) and np.allclose(hidden[:, 2], -100.0)
+    try:
+        safer = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
+                          on_table=np.concatenate([seen, hidden]))
+        assert any(w["code"] == "ISO_COMPROMISED" for w in safer.warnings)
+    except PlanRefused as exc:
+        assert exc.code == "BORE_COLLISION"
+
+
 def test_iso_bottom_never_below_the_mattress(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
     chest = load_protocol("chest")
