@@ -311,12 +311,16 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
     passing = vertices[vertices[:, 1] + advance >= spec.gantry_face_y_mm]
     if len(passing) == 0:
         return iso_height, spec.bore_diameter_mm / 2.0
+    import cv2
+
     r_bore = spec.bore_diameter_mm / 2.0
+    # The distance from the bore's axis is convex in (x, z): its maximum over the points is at a corner of their
+    # cross-section's convex hull, at every table height. The hull's few corners stand in for all the points.
+    xz = cv2.convexHull(passing[:, [0, 2]].astype(np.float32)).reshape(-1, 2).astype(np.float64)
     heights = np.concatenate([[iso_height], np.arange(spec.height_min_mm, spec.height_max_mm + 0.5, 1.0)])
     # A higher table height lowers the body: z at height h is z + (table_height_mm - h).
-    x2 = passing[:, 0].astype(np.float64) ** 2
-    clear = np.array([r_bore - math.sqrt(float(np.max(x2 + (passing[:, 2] + table_height_mm - h) ** 2)))
-                      for h in heights])
+    z = xz[None, :, 1] + (table_height_mm - heights)[:, None]
+    clear = r_bore - np.sqrt((xz[None, :, 0] ** 2 + z ** 2).max(1))
     if clear[0] >= spec.clearance_margin_mm:
         return iso_height, float(clear[0])
     ok = np.flatnonzero(clear[1:] >= spec.clearance_margin_mm)

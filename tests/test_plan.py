@@ -319,3 +319,33 @@ def test_bore_clearance_moves_the_table_off_iso_only_as_far_as_needed():
         bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=480.0))
     h, c = bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=700.0))
     assert h == 200.0 and c == pytest.approx(350.0 - np.hypot(200, 150), abs=0.01)
+
+
+def test_bore_check_over_the_hull_equals_every_point():
+    """The bore check looks only at the corners of the body's (x, z) hull; over random bodies it decides exactly as
+    checking every point at every table height would."""
+    import math
+
+    from positioning.plan import bore_safe_height
+
+    rng = np.random.default_rng(0)
+    spec = ScannerSpec(bore_diameter_mm=760.0)
+    heights = np.concatenate([[200.0], np.arange(spec.height_min_mm, spec.height_max_mm + 0.5, 1.0)])
+    refused = 0
+    for _ in range(50):
+        pts = rng.normal(0, 1, (3000, 3)) * [rng.uniform(80, 200), 300, rng.uniform(50, 150)] \
+            + [0, -1500, rng.uniform(-150, 50)]
+        passing = pts[pts[:, 1] + 1500 >= spec.gantry_face_y_mm]
+        every = np.array([380 - math.sqrt(float(np.max(passing[:, 0] ** 2 + (passing[:, 2] + 250 - h) ** 2)))
+                          for h in heights])
+        try:
+            h, c = bore_safe_height(pts, 200.0, 250.0, {"cranial": -1200.0, "caudal": -1500.0}, spec)
+        except PlanRefused:
+            refused += 1
+            assert (every < spec.clearance_margin_mm).all()
+            continue
+        i = 0 if h == 200.0 else int(np.flatnonzero(heights[1:] == h)[0]) + 1
+        assert c == pytest.approx(every[i], abs=1e-3)
+        ok = np.flatnonzero(every[1:] >= spec.clearance_margin_mm)
+        assert every[0] >= spec.clearance_margin_mm or h == heights[1:][ok[np.argmin(np.abs(heights[1:][ok] - 200))]]
+    assert 0 < refused < 50  # both outcomes were exercised
