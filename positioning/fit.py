@@ -40,6 +40,7 @@ from positioning.skeleton import NUM_JOINTS, PARENTS
 ARMS = ("down", "up")
 N_POINTS = 1500
 N_VERTS = 1500
+CONVERGED_FRACTION = 0.02  # of the summed cost over 10 iterations: less and the fit has settled
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
 KEYPOINT_WEIGHT = 1.0
 KEYPOINT_ROBUST_M = 0.08
@@ -59,7 +60,8 @@ class FitResult:
     per-patient offsets), the top of the head ("vertex") and the face points;
     patient_position: DICOM code; position_margin: cost gap to the best other position
     (relative); costs: final cost of every hypothesis; residual_mm: median distance of
-    the observed points to the fitted surface; timing_ms: per stage.
+    the observed points to the fitted surface; timing_ms: per stage; iterations: Adam
+    steps taken (fewer than asked when the fit settled early).
     """
 
     vertices: np.ndarray
@@ -76,6 +78,7 @@ class FitResult:
     joint_confidence: np.ndarray
     landmarks: dict[str, np.ndarray] = field(default_factory=dict)
     timing_ms: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
 
 
 class _Skin:
@@ -159,12 +162,15 @@ def _principal_yaw(points: np.ndarray) -> float:
 def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
              keypoints_s_mm: np.ndarray | None = None, keypoint_conf: np.ndarray | None = None,
              iterations: int = 120, seed: int = 0, positions: tuple[str, ...] = POSITIONS,
-             arms: tuple[str, ...] = ARMS, warm: FitResult | None = None) -> FitResult:
+             arms: tuple[str, ...] = ARMS, warm: FitResult | None = None,
+             converge_after: int | None = None) -> FitResult:
     """Fit every hypothesis to the patient's points (N, 3) mm in S; return the best.
 
     keypoints_s_mm: (24, 3) optional 3D keypoints in S (SMPL joint order) with
     keypoint_conf (24,) in 0..1 (0 where a joint has no keypoint).
     warm: the previous frame's result: one hypothesis, started from it (live use).
+    converge_after: stop once this many iterations are done and the summed cost fell by less than
+    CONVERGED_FRACTION over the last 10 (at most `iterations`); None runs them all.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -221,6 +227,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
             trans[:, 2] = support - vs[..., 2].min(1).values
     t_setup = time.perf_counter()
     corr_obs = corr_vis = vis_mask = None
+    history: list[float] = []
     for it in range(iterations):
         opt.zero_grad()
         pose = pose0 + dpose * free
@@ -253,8 +260,13 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         if kp is not None:
             # Robust: a keypoint on the wrong limb (a left/right swap) saturates instead of dragging the body.
             cost = cost + KEYPOINT_WEIGHT * (kc * gm_kp((js - kp).norm(dim=-1))).sum(1) / kc.sum().clamp(min=1e-6)
-        cost.sum().backward()
+        total = cost.sum()
+        total.backward()
         opt.step()
+        history.append(float(total.detach()))
+        if converge_after is not None and it + 1 >= converge_after and (it + 1) % 10 == 0 \
+                and history[-11] - history[-1] < CONVERGED_FRACTION * abs(history[-11]):
+            break
     t_opt = time.perf_counter()
     with torch.no_grad():
         final = cost.detach().numpy()
@@ -290,4 +302,4 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         position_margin=margin, costs=costs, residual_mm=resid,
         joint_confidence=np.full(NUM_JOINTS, float(np.clip(margin, 0, 1))), landmarks=landmarks,
         timing_ms={"fit_setup": (t_setup - t0) * 1000, "fit_optimise": (t_opt - t_setup) * 1000,
-                   "fit_mesh": (t_end - t_opt) * 1000})
+                   "fit_mesh": (t_end - t_opt) * 1000}, iterations=len(history))

@@ -12,7 +12,7 @@ import torch
 
 from positioning.capture import read_capture, read_truth
 from positioning.fit import fit_body
-from positioning.perceive import perceive
+from positioning.perceive import keypoints_as_joints, perceive
 from positioning.segment import SegmentationError, segment_patient
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
@@ -112,9 +112,22 @@ def test_fit_without_keypoints_still_fits_a_supine_patient(sim_cases, body_model
     cap, t = read_capture(sim_cases[0]), read_truth(sim_cases[0])
     seg = segment_patient(cap)
     res = fit_body(body_model, seg.points_s, seg.support_z_s)
-    assert res.patient_position == t["patient_position"]
+    assert res.patient_position == t["patient_position"] and res.iterations == 120
     truth = np.array([t["joints_scanner_mm"][n] for n in JOINT_NAMES])
     assert np.median(np.linalg.norm(res.joints - truth, axis=1)) < 120
+
+
+def test_a_fit_that_has_settled_stops_early(sim_cases, body_model, keypoint_net):
+    """With keypoints the fit may stop from 50 iterations on, at a multiple of 10, once its cost has settled;
+    where it stops it agrees with the full run."""
+    cap = read_capture(sim_cases[0])
+    per = perceive(cap, body_model, keypoint_net)
+    assert 50 <= per.fit.iterations <= 120 and per.fit.iterations % 10 == 0
+    full = fit_body(body_model, per.segmentation.points_s, per.segmentation.support_z_s,
+                    *keypoints_as_joints(per.keypoints),
+                    positions=(per.patient_position,), arms=(per.fit.arms,))
+    assert full.iterations == 120
+    assert np.median(np.linalg.norm(full.joints - per.joints, axis=1)) < 15.0
 
 
 def test_fit_cli(sim_cases, tmp_path):
