@@ -176,8 +176,8 @@ def limb_swings(v: np.ndarray, floor_z: float,
     shoulder give way: the limb swings by the smallest angle that brings the lowest
     point of its rigid part (an arm beyond the shoulder's blend, a leg from the knee
     down) within 2 mm above the floor, from below, or for a dropping limb from above;
-    when none up to max_deg does, by the one that comes closest. Identity when it rests already. Vertices follow by their weight
-    (``swing``).
+    when none up to max_deg does, by the one that comes closest. Identity when it
+    rests already. Vertices follow by their weight (``swing``).
     """
     from scipy.spatial.transform import Rotation
 
