@@ -81,8 +81,16 @@ class BridgeClient:
                        deadline=None if deadline_s is None else time.time() + deadline_s)
         if msg_id is not None:
             env = Envelope(type=env.type, sender=env.sender, body=env.body, id=msg_id, deadline=env.deadline)
-        self._sock.send(env.encode())
         end = time.monotonic() + timeout_s
+        # The send counts against the timeout too: after a refused key (CURVE handshake failed) the socket has
+        # no peer and a blocking send would wait for ever.
+        try:
+            if not self._sock.poll(int(timeout_s * 1000) + 1, zmq.POLLOUT):
+                raise zmq.Again()
+            self._sock.send(env.encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            raise BridgeTimeout(f"could not send '{msg_type}' to {self.endpoint} within {timeout_s:.2f} s "
+                                f"(daemon down, or our key not on its allow-list)") from None
         while True:
             left = end - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
@@ -106,7 +114,10 @@ class BridgeClient:
             sock = self._dealer()
             try:
                 while not self._hb_stop.wait(period_s):
-                    sock.send(Envelope(type="heartbeat", sender=self.name).encode())
+                    try:  # a beat that cannot go now is a missed beat, which the daemon acts on
+                        sock.send(Envelope(type="heartbeat", sender=self.name).encode(), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                     while sock.poll(0):
                         sock.recv()
             finally:
