@@ -21,14 +21,15 @@ from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 SLAB_HALF_MM = 15.0
-# The measured front of the ISO slab: this percentile of its trunk points' heights
-# (the top without the sensor's outliers; docs/planning.md), from at least this many points.
-TOP_PERCENTILE = 90.0
-MIN_SLAB_POINTS = 20
+# The measured front of the ISO slab: the highest median height among its trunk points' cells of this size
+# (a cell's median drops the sensor's outliers, the highest cell finds the top), over cells holding at least
+# MIN_CELL_POINTS, from at least MIN_SLAB_POINTS points over the trunk's middle (MIDDLE_FRACTION of its width
+# either side of its centre: the flanks hold no top and may hold an arm).
+TOP_CELL_MM, MIN_CELL_POINTS, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 3, 20, 0.35
 # Forearms and hands resting on the body are not its front: points within this
-# top-down distance of an elbow-wrist segment, or this far from a wrist (a hand can
-# point any way), are left out of the slab's front.
-FOREARM_RADIUS_MM, HAND_MM = 70.0, 180.0
+# top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
+# forearm's line continued by a hand's length), are left out of the slab's front.
+FOREARM_RADIUS_MM, HAND_LENGTH_MM = 60.0, 200.0
 # A fitted back this close (mm) to the mattress top rests on it.
 BACK_CONTACT_MM = 15.0
 # A measured point belongs to the trunk's front when it lies this close to the fitted trunk.
@@ -246,17 +247,31 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
 def near_forearms(points: np.ndarray, forearms: np.ndarray) -> np.ndarray:
     """(N,) bool: points (N, 3) over a forearm or a hand, seen from above.
 
-    forearms: (K, 2, 3) elbow-wrist segments, mm, frame S. A point is over the
-    forearm within FOREARM_RADIUS_MM of the segment, over the hand within HAND_MM of the wrist.
+    forearms: (K, 2, 3) elbow-wrist segments, mm, frame S. A point is over the forearm
+    within FOREARM_RADIUS_MM of the segment, over the hand within as much of the segment's
+    continuation by HAND_LENGTH_MM beyond the wrist (a resting hand lies about in line
+    with its forearm; a disc around the wrist wide enough for any hand direction would
+    swallow the chest whenever the hands rest on the belly).
     """
     out = np.zeros(len(points), bool)
     xy = points[:, :2]
     for elbow, wrist in forearms[:, :, :2]:
         d = wrist - elbow
-        t = np.clip((xy - elbow) @ d / max(float(d @ d), 1e-6), 0.0, 1.0)
-        out |= np.linalg.norm(xy - (elbow + t[:, None] * d), axis=1) < FOREARM_RADIUS_MM
-        out |= np.linalg.norm(xy - wrist, axis=1) < HAND_MM
+        tip = wrist + HAND_LENGTH_MM * d / max(float(np.linalg.norm(d)), 1e-6)
+        for a, b in ((elbow, wrist), (wrist, tip)):
+            u = b - a
+            t = np.clip((xy - a) @ u / max(float(u @ u), 1e-6), 0.0, 1.0)
+            out |= np.linalg.norm(xy - (a + t[:, None] * u), axis=1) < FOREARM_RADIUS_MM
     return out
+
+
+def highest_cell(points: np.ndarray) -> float | None:
+    """The highest median z (mm) among the (x, y) cells of TOP_CELL_MM holding MIN_CELL_POINTS points (N, 3), or None."""
+    key = np.floor(points[:, :2] / TOP_CELL_MM).astype(np.int64)
+    _, cell, count = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    cell = cell.ravel()
+    tops = [float(np.median(points[cell == c, 2])) for c in np.flatnonzero(count >= MIN_CELL_POINTS)]
+    return max(tops) if tops else None
 
 
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
@@ -264,9 +279,9 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
-    The front (top) is measured: the TOP_PERCENTILE of the observed points in the slab
-    over the trunk's middle half whose nearest fitted vertex is trunk and within
-    TRUNK_SURFACE_MM (the caller leaves out the forearms and hands,
+    The front (top) is measured: the highest cell (``highest_cell``) of the observed
+    points in the slab over the trunk's middle whose nearest fitted vertex is trunk and
+    within TRUNK_SURFACE_MM (the caller leaves out the forearms and hands,
     ``near_forearms``). The camera cannot see the underside. Supine, it is the
     fitted trunk's back where that stands clear of the mattress (the hollow of the
     lower back), and the mattress top where the fitted back comes within
@@ -287,15 +302,14 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     bottom = support_z_mm if prone or back - support_z_mm < BACK_CONTACT_MM else back
     x_c, lat = 0.5 * float(s[:, 0].max() + s[:, 0].min()), float(s[:, 0].max() - s[:, 0].min())
     near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)
-    # The front's top lies over the trunk's middle half; points at its flanks would read low.
     cand = observed_points[(np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM)
-                           & (np.abs(observed_points[:, 0] - x_c) < 0.25 * lat)]
+                           & (np.abs(observed_points[:, 0] - x_c) < MIDDLE_FRACTION * lat)]
     top = mesh_top
     if near.sum() and len(cand) > MIN_SLAB_POINTS:
         dist, nn = cKDTree(vertices[near]).query(cand)
         own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
-        if len(own) > MIN_SLAB_POINTS:
-            top = float(np.percentile(own[:, 2], TOP_PERCENTILE))
+        cell_top = highest_cell(own) if len(own) > MIN_SLAB_POINTS else None
+        top = mesh_top if cell_top is None else cell_top
     return top, bottom, x_c, lat, mesh_top
 
 

@@ -90,8 +90,8 @@ def test_chest_plan_geometry(body_model, position):
     assert (lv["lung_base"][1] - p.scan_range_scanner_mm["caudal"]) * hd == pytest.approx(chest.caudal_margin_mm)
     assert 200 < abs(lv["lung_apex"][1] - lv["lung_base"][1]) < 360
     assert p.scan_range_table_mm["cranial"] == pytest.approx(p.scan_range_scanner_mm["cranial"] + 1000.0)
-    # The ISO height brings the chest's AP middle to z = 0 (the measured front is its
-    # top surface's 90th percentile: a few millimetres below the mesh's highest vertex;
+    # The ISO height brings the chest's AP middle to z = 0 (the measured front is the
+    # highest median of its top surface's 20 mm cells: a little below the mesh's highest vertex;
     # the underside is the fitted back, or the mattress top when prone or when the back
     # comes within 15 mm of it).
     yc = np.mean(list(p.scan_range_scanner_mm.values()))
@@ -131,6 +131,43 @@ def test_hands_on_the_chest_are_not_its_front(body_model):
     fooled = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0,
                        forearms=np.zeros((0, 2, 3)))  # nobody said where the hand is: still not trunk (too far above it)
     assert fooled.table_height_mm == pytest.approx(base.table_height_mm, abs=3.0)
+
+
+def test_a_hand_resting_on_the_chest_is_left_out_along_its_forearm(body_model):
+    """A hand lying on the chest (20 mm over it, near enough to pass for trunk), in line with the forearm the
+    keypoints found: the front stays the chest's. Told of no forearm, the hand is taken for the front."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(base.scan_range_scanner_mm.values()))
+    top = pts[np.abs(pts[:, 1] - yc) < 15, 2].max()
+    wrist = np.array([0.0, yc - 90.0, top + 20.0])
+    # Palm and fingers run 180 mm from the wrist towards the head, over the chest's highest part.
+    x_top = pts[np.abs(pts[:, 1] - yc) < 15][np.argmax(pts[np.abs(pts[:, 1] - yc) < 15, 2]), 0]
+    under = (np.abs(pts[:, 0] - x_top) < 45) & (pts[:, 1] > wrist[1]) & (pts[:, 1] < wrist[1] + 180)
+    wrist[0] = x_top
+    seen = np.concatenate([pts[~under], pts[under] + [0.0, 0.0, 20.0]])
+    forearm = np.array([[[x_top, yc - 330.0, top], wrist]])
+    p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
+    assert p.table_height_mm == pytest.approx(base.table_height_mm, abs=2.0)
+    fooled = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=np.zeros((0, 2, 3)))
+    assert fooled.table_height_mm > base.table_height_mm + 8.0
+
+
+def test_hands_on_the_belly_leave_the_chest_front_measured(body_model):
+    """Wrists 110 mm caudal of the chest's ISO slab, the hands pointing across the belly: the chest's front is
+    still measured (a 20 mm higher measured surface moves the ISO height 10 mm), not replaced by the fitted one."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(base.scan_range_scanner_mm.values()))
+    z = pts[:, 2].max()
+    forearms = np.array([[[sx * 200.0, yc - 140.0, z], [sx * 30.0, yc - 110.0, z]] for sx in (-1.0, 1.0)])
+    still = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, forearms=forearms)
+    raised = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts + [0.0, 0.0, 20.0], -190.0, 250.0, -1000.0,
+                       forearms=forearms)
+    assert still.table_height_mm == pytest.approx(base.table_height_mm, abs=0.5)
+    assert raised.table_height_mm - still.table_height_mm == pytest.approx(10.0, abs=0.5)
 
 
 def test_bore_check_counts_what_the_camera_saw_beside_the_body(body_model):
