@@ -9,7 +9,7 @@ import numpy as np
 
 from positioning.bodymodel import BodyModel
 from positioning.capture import Capture
-from positioning.fit import ARMS, FitResult, fit_body
+from positioning.fit import ARMS, FitResult, fit_body, one_torch_thread
 from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints
 from positioning.poses import ARM_POSES, POSITIONS
 from positioning.segment import Segmentation, segment_patient
@@ -95,6 +95,7 @@ def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str
     return positions, arms
 
 
+@one_torch_thread()
 def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None, warm: Perception | None = None,
              use_keypoints: bool = True, colour: bool = False) -> Perception:
     """Segment, detect keypoints (unless use_keypoints is False), fit. Raises SegmentationError on a bad scene.

@@ -21,11 +21,13 @@ from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 SLAB_HALF_MM = 15.0
-# The measured front of the ISO slab: the highest median height among its trunk points' cells of this size
-# (a cell's median drops the sensor's outliers, the highest cell finds the top), over cells holding at least
-# MIN_CELL_POINTS, from at least MIN_SLAB_POINTS points over the trunk's middle (MIDDLE_FRACTION of its width
-# either side of its centre: the flanks hold no top and may hold an arm).
-TOP_CELL_MM, MIN_CELL_POINTS, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 3, 20, 0.35
+# The measured front of the ISO slab: the fitted front's highest point moved by the median height of the
+# measured trunk points over the fitted front's top band (its vertices within TOP_BAND_MM of its highest point,
+# each point against the band vertex nearest it seen from above, within BAND_XY_MM). A median over many points:
+# a noisy sensor's outliers or a few stray points do not move it, where the highest of a few points would.
+# At least MIN_SLAB_POINTS points over the trunk's middle (MIDDLE_FRACTION of its width either side of its
+# centre: the flanks hold no top and may hold an arm); else the fitted front stands in.
+TOP_BAND_MM, BAND_XY_MM, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 10.0, 20, 0.35
 # Forearms and hands resting on the body are not its front: points within this
 # top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
 # forearm's line continued by a hand's length), are left out of the slab's front.
@@ -265,23 +267,15 @@ def near_forearms(points: np.ndarray, forearms: np.ndarray) -> np.ndarray:
     return out
 
 
-def highest_cell(points: np.ndarray) -> float | None:
-    """The highest median z (mm) among the (x, y) cells of TOP_CELL_MM holding MIN_CELL_POINTS points (N, 3), or None."""
-    key = np.floor(points[:, :2] / TOP_CELL_MM).astype(np.int64)
-    _, cell, count = np.unique(key, axis=0, return_inverse=True, return_counts=True)
-    cell = cell.ravel()
-    tops = [float(np.median(points[cell == c, 2])) for c in np.flatnonzero(count >= MIN_CELL_POINTS)]
-    return max(tops) if tops else None
-
-
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
                  y_c: float, prone: bool = False) -> tuple[float, float, float, float, float] | None:
     """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
-    The front (top) is measured: the highest cell (``highest_cell``) of the observed
-    points in the slab over the trunk's middle whose nearest fitted vertex is trunk and
-    within TRUNK_SURFACE_MM (the caller leaves out the forearms and hands,
+    The front (top) is measured: the fitted front's top plus the median height of the
+    observed points above the fitted front's top band, over the points in the slab and
+    the trunk's middle whose nearest fitted vertex is trunk and within TRUNK_SURFACE_MM
+    (TOP_BAND_MM, BAND_XY_MM; the caller leaves out the forearms and hands,
     ``near_forearms``). The camera cannot see the underside. Supine, it is the
     fitted trunk's back where that stands clear of the mattress (the hollow of the
     lower back), and the mattress top where the fitted back comes within
@@ -308,8 +302,12 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     if near.sum() and len(cand) > MIN_SLAB_POINTS:
         dist, nn = cKDTree(vertices[near]).query(cand)
         own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
-        cell_top = highest_cell(own) if len(own) > MIN_SLAB_POINTS else None
-        top = mesh_top if cell_top is None else cell_top
+        band = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + BAND_XY_MM)
+                        & (vertices[:, 2] > mesh_top - TOP_BAND_MM)]
+        d_xy, k = cKDTree(band[:, :2]).query(own[:, :2])
+        over = d_xy < BAND_XY_MM
+        if over.sum() > MIN_SLAB_POINTS:
+            top = mesh_top + float(np.median(own[over, 2] - band[k[over], 2]))
     return top, bottom, x_c, lat, mesh_top
 
 

@@ -133,21 +133,18 @@ def test_hands_on_the_chest_are_not_its_front(body_model):
     assert fooled.table_height_mm == pytest.approx(base.table_height_mm, abs=3.0)
 
 
-def test_a_hand_resting_on_the_chest_is_left_out_along_its_forearm(body_model):
-    """A hand lying on the chest (20 mm over it, near enough to pass for trunk), in line with the forearm the
-    keypoints found: the front stays the chest's. Told of no forearm, the hand is taken for the front."""
+def test_a_forearm_and_hand_across_the_chest_are_not_its_front(body_model):
+    """A forearm and its hand lying across the chest's ISO slab (20 mm over it, near enough to pass for trunk),
+    where the keypoints put elbow and wrist: left out (the hand along the forearm's line beyond the wrist), the
+    ISO height stays. Told of no forearm, they are taken for the chest's front and lift the ISO height."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
     chest = load_protocol("chest")
     base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     yc = np.mean(list(base.scan_range_scanner_mm.values()))
-    top = pts[np.abs(pts[:, 1] - yc) < 15, 2].max()
-    wrist = np.array([0.0, yc - 90.0, top + 20.0])
-    # Palm and fingers run 180 mm from the wrist towards the head, over the chest's highest part.
-    x_top = pts[np.abs(pts[:, 1] - yc) < 15][np.argmax(pts[np.abs(pts[:, 1] - yc) < 15, 2]), 0]
-    under = (np.abs(pts[:, 0] - x_top) < 45) & (pts[:, 1] > wrist[1]) & (pts[:, 1] < wrist[1] + 180)
-    wrist[0] = x_top
-    seen = np.concatenate([pts[~under], pts[under] + [0.0, 0.0, 20.0]])
-    forearm = np.array([[[x_top, yc - 330.0, top], wrist]])
+    z = pts[:, 2].max()
+    across = (np.abs(pts[:, 1] - yc) < 40) & (pts[:, 0] > -250.0) & (pts[:, 0] < 140.0)
+    seen = np.concatenate([pts[~across], pts[across] + [0.0, 0.0, 20.0]])
+    forearm = np.array([[[-250.0, yc, z], [-60.0, yc, z]]])  # the hand runs on from the wrist to x = +140
     p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
     assert p.table_height_mm == pytest.approx(base.table_height_mm, abs=2.0)
     fooled = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=np.zeros((0, 2, 3)))
