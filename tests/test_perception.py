@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from positioning.capture import read_capture, read_truth
-from positioning.fit import fit_body
+from positioning.fit import fit_body, one_torch_thread
 from positioning.perceive import keypoints_as_joints, perceive
 from positioning.segment import SegmentationError, segment_patient
 from positioning.skeleton import JOINT_NAMES
@@ -164,3 +164,17 @@ def test_keypoints_choose_the_hypotheses_to_fit(body_model, arms, prone_p, expec
     j = out.joints[0, :24].detach().numpy() @ POSITION_ROTATIONS[position].T * 1000.0
     kp = Keypoints(np.array([j[JOINT_INDEX[n]] for n in KEYPOINTS]), np.full(len(KEYPOINTS), 0.9), position, prone_p)
     assert hypotheses_from_keypoints(kp) == expect
+
+
+def test_torch_runs_on_one_thread_inside_perception_and_the_callers_setting_returns():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_torch_thread():
+            raise RuntimeError("a fit that fails")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
