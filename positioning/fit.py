@@ -89,7 +89,7 @@ def one_torch_thread() -> Iterator[None]:
 
     The fit's and the keypoint network's tensors are small: splitting each op over two
     cores costs more than it gains (measured: perception about 6 % faster on one thread)
-    and leaves the other core to the caller (the console's image, the camera).
+    and leaves the other core to the rest of the caller's process (a camera, a display).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
