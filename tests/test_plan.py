@@ -90,8 +90,8 @@ def test_chest_plan_geometry(body_model, position):
     assert (lv["lung_base"][1] - p.scan_range_scanner_mm["caudal"]) * hd == pytest.approx(chest.caudal_margin_mm)
     assert 200 < abs(lv["lung_apex"][1] - lv["lung_base"][1]) < 360
     assert p.scan_range_table_mm["cranial"] == pytest.approx(p.scan_range_scanner_mm["cranial"] + 1000.0)
-    # The ISO height brings the chest's AP middle to z = 0 (the measured front is the
-    # highest median of its top surface's 20 mm cells: a little below the mesh's highest vertex;
+    # The ISO height brings the chest's AP middle to z = 0 (the measured front is the mesh's
+    # highest vertex moved by the median height of the seen surface over the mesh's top band;
     # the underside is the fitted back, or the mattress top when prone or when the back
     # comes within 15 mm of it).
     yc = np.mean(list(p.scan_range_scanner_mm.values()))
