@@ -1,8 +1,8 @@
 """Camera sources: live RealSense, a recording, or the simulator, behind one interface.
 
-All three go through librealsense: a live camera and a recording (``.db3`` /
-``.bag``) through ``rs.pipeline``, the simulator through ``rs.software_device``
-(``sim/realsense.py``). Code above a source gets ``Frame`` objects and cannot
+All three go through librealsense: a live camera through ``rs.pipeline``, a
+recording (``.db3`` / ``.bag``) through its playback device and ``rs.syncer``, the
+simulator through ``rs.software_device`` (``sim/realsense.py``). Code above a source gets ``Frame`` objects and cannot
 tell which it was. This is an I/O edge; the core never imports it.
 
 Live and recorded frames share one processing path: librealsense's own depth
@@ -12,6 +12,7 @@ alignment of depth to the colour camera (``rs.align``).
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,67 +61,48 @@ def intrinsics_from_rs(profile, depth_scale: float) -> CameraIntrinsics:
     return CameraIntrinsics(i.width, i.height, i.fx, i.fy, i.ppx, i.ppy, float(depth_scale))
 
 
-def _registered(profile) -> bool:
+def _registered(depth_profile, color_profile) -> bool:
     """True when depth is already registered to colour (same intrinsics, identity extrinsics):
     re-projecting it through rs.align would only punch rounding holes into it."""
-    import pyrealsense2 as rs
-
-    try:
-        d = profile.get_stream(rs.stream.depth).as_video_stream_profile()
-        c = profile.get_stream(rs.stream.color).as_video_stream_profile()
-    except RuntimeError:
+    if color_profile is None:
         return True  # no colour stream: nothing to align to
+    d, c = depth_profile.as_video_stream_profile(), color_profile.as_video_stream_profile()
     e = d.get_extrinsics_to(c)
     di, ci = d.get_intrinsics(), c.get_intrinsics()
     same = (di.width, di.height, di.fx, di.fy, di.ppx, di.ppy) == (ci.width, ci.height, ci.fx, ci.fy, ci.ppx, ci.ppy)
     return same and np.allclose(e.rotation, np.eye(3).ravel()) and np.allclose(e.translation, 0)
 
 
-class _PipelineSource(ABC):
-    """Shared path of live and recorded frames: rs.pipeline, optional filters, depth aligned to colour."""
+class _RsSource(ABC):
+    """Shared path of live and recorded frames: optional librealsense filters, depth aligned to colour."""
 
     def __init__(self, filters: bool = True) -> None:
         self.filters = filters
-        self._pipe = None
         self._align = None
         self._filters: list = []
         self._depth_scale = 0.001
         self._serial = ""
 
     @abstractmethod
-    def _config(self):
-        """The rs.config saying where this source's frames come from."""
+    def start(self) -> None: ...
 
-    def start(self) -> None:
+    @abstractmethod
+    def read(self, timeout_s: float = 2.0) -> Frame: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def _prepare(self, device, depth_profile, color_profile) -> None:
+        """Read the device's serial and depth scale; set up alignment and filters for its streams."""
         import pyrealsense2 as rs
 
-        self._pipe = rs.pipeline()
-        try:
-            profile = self._pipe.start(self._config())
-        except RuntimeError as exc:
-            self._pipe = None
-            raise CameraError(f"cannot start the camera pipeline: {exc}") from None
-        dev = profile.get_device()
-        self._serial = dev.get_info(rs.camera_info.serial_number) if dev.supports(rs.camera_info.serial_number) else ""
-        ds = dev.first_depth_sensor()
-        self._depth_scale = ds.get_depth_scale()
-        self._after_start(dev)
-        self._align = None if _registered(profile) else rs.align(rs.stream.color)
+        self._serial = device.get_info(rs.camera_info.serial_number) \
+            if device.supports(rs.camera_info.serial_number) else ""
+        self._depth_scale = device.first_depth_sensor().get_depth_scale()
+        self._align = None if _registered(depth_profile, color_profile) else rs.align(rs.stream.color)
         # Intel's recommended order: spatial, temporal, then hole filling, in disparity space for the first two.
         self._filters = [rs.disparity_transform(True), rs.spatial_filter(), rs.temporal_filter(),
                          rs.disparity_transform(False), rs.hole_filling_filter()] if self.filters else []
-
-    def _after_start(self, device) -> None:
-        """Hook for a source to adjust its device once started (a recording turns off real-time playback)."""
-
-    def read(self, timeout_s: float = 2.0) -> Frame:
-        if self._pipe is None:
-            raise CameraError("camera source is not started")
-        try:
-            frames = self._pipe.wait_for_frames(int(timeout_s * 1000))
-        except RuntimeError as exc:
-            raise CameraError(f"no frame within {timeout_s:.1f} s ({exc})") from None
-        return self._process(frames)
 
     def _process(self, frames) -> Frame:
         has_color = bool(frames.get_color_frame())
@@ -140,14 +122,10 @@ class _PipelineSource(ABC):
             c = c[..., ::-1].copy()
         return Frame(d, c, cam, float(depth.get_timestamp()), int(depth.get_frame_number()), self._serial)
 
-    def stop(self) -> None:
-        if self._pipe is not None:
-            self._pipe.stop()
-            self._pipe = None
 
-
-class RealSenseSource(_PipelineSource):
-    """A live RealSense camera (D4xx): depth and colour at the same resolution, depth aligned to colour.
+class RealSenseSource(_RsSource):
+    """A live RealSense camera (D4xx) through rs.pipeline: depth and colour at the same resolution,
+    depth aligned to colour.
 
     Needs a camera on USB; none is attached on the development and CI machines.
     """
@@ -156,8 +134,9 @@ class RealSenseSource(_PipelineSource):
                  filters: bool = True) -> None:
         super().__init__(filters)
         self.serial, self.width, self.height, self.fps = serial, width, height, fps
+        self._pipe = None
 
-    def _config(self):
+    def start(self) -> None:
         import pyrealsense2 as rs
 
         cfg = rs.config()
@@ -165,24 +144,103 @@ class RealSenseSource(_PipelineSource):
             cfg.enable_device(self.serial)
         cfg.enable_stream(rs.stream.depth, self.width, self.height, rs.format.z16, self.fps)
         cfg.enable_stream(rs.stream.color, self.width, self.height, rs.format.rgb8, self.fps)
-        return cfg
+        self._pipe = rs.pipeline()
+        try:
+            profile = self._pipe.start(cfg)
+        except RuntimeError as exc:
+            self._pipe = None
+            raise CameraError(f"cannot start the camera pipeline: {exc}") from None
+        self._prepare(profile.get_device(), profile.get_stream(rs.stream.depth), profile.get_stream(rs.stream.color))
+
+    def read(self, timeout_s: float = 2.0) -> Frame:
+        if self._pipe is None:
+            raise CameraError("camera source is not started")
+        try:
+            frames = self._pipe.wait_for_frames(int(timeout_s * 1000))
+        except RuntimeError as exc:
+            raise CameraError(f"no frame within {timeout_s:.1f} s ({exc})") from None
+        return self._process(frames)
+
+    def stop(self) -> None:
+        if self._pipe is not None:
+            self._pipe.stop()
+            self._pipe = None
 
 
-class RecordingSource(_PipelineSource):
-    """A librealsense recording (.db3 or .bag) played back through rs.pipeline, as fast as it is read."""
+class RecordingSource(_RsSource):
+    """A librealsense recording (.db3 or .bag): every recorded frame, in order, as fast as it is read.
+
+    Not through rs.pipeline: a pipeline starts a recording in real time and keeps one
+    frameset, so frames played before ``set_real_time(False)`` can land are lost (CI
+    lost the first of three that way). Here the playback device is made non-real-time
+    before any sensor starts; ``rs.syncer`` pairs depth with colour, and a processing
+    block holds each stream's latest frame, as the pipeline does, so every set is whole.
+    """
+
+    _POLL_MS = 50
 
     def __init__(self, path: str | Path, filters: bool = False) -> None:
         super().__init__(filters)
         self.path = Path(path)
+        self._playback = None
+        self._sensors: list = []
+        self._sync = self._sets = self._aggregate = None
 
-    def _config(self):
+    def start(self) -> None:
         import pyrealsense2 as rs
 
         if not self.path.is_file():
             raise CameraError(f"{self.path}: recording not found")
-        cfg = rs.config()
-        cfg.enable_device_from_file(str(self.path), repeat_playback=False)
-        return cfg
+        try:
+            dev = rs.context().load_device(str(self.path))
+        except RuntimeError as exc:
+            raise CameraError(f"{self.path.name}: cannot start playback ({exc})") from None
+        self._playback = dev.as_playback()
+        self._playback.set_real_time(False)
+        profiles = {p.stream_type(): p for s in dev.query_sensors() for p in s.get_stream_profiles()}
+        if rs.stream.depth not in profiles:
+            raise CameraError(f"{self.path.name}: the recording holds no depth stream")
+        self._prepare(dev, profiles[rs.stream.depth], profiles.get(rs.stream.color))
+        streams = {p.unique_id() for p in profiles.values()}
+        latest: dict = {}
 
-    def _after_start(self, device) -> None:
-        device.as_playback().set_real_time(False)
+        def aggregate(frame, source) -> None:
+            for f in frame.as_frameset():
+                latest[f.profile.unique_id()] = f
+            if latest.keys() >= streams:
+                source.frame_ready(source.allocate_composite_frame(list(latest.values())))
+
+        self._aggregate = rs.processing_block(aggregate)
+        self._sets = rs.frame_queue(2, keep_frames=True)
+        self._aggregate.start(self._sets)
+        self._sync = rs.syncer()
+        self._sensors = [s for s in dev.query_sensors() if s.get_stream_profiles()]
+        for s in self._sensors:
+            s.open(s.get_stream_profiles())
+            s.start(self._sync)
+
+    def read(self, timeout_s: float = 2.0) -> Frame:
+        import pyrealsense2 as rs
+
+        if self._sync is None:
+            raise CameraError("recording is not started")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ok, frames = self._sets.try_wait_for_frame(0)
+            if ok:
+                return self._process(frames.as_frameset())
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            ok, frames = self._sync.try_wait_for_frames(min(left_ms, self._POLL_MS))
+            if ok:
+                self._aggregate.invoke(frames)
+        if self._playback.current_status() == rs.playback_status.stopped:
+            raise CameraError(f"{self.path.name}: end of recording")
+        raise CameraError(f"{self.path.name}: no frame within {timeout_s:.1f} s")
+
+    def stop(self) -> None:
+        for s in self._sensors:
+            s.stop()
+            s.close()
+        self._sensors, self._sync, self._sets, self._aggregate, self._playback = [], None, None, None, None

@@ -1,8 +1,8 @@
 """The simulator as a RealSense camera: simulated frames fed through librealsense's software device.
 
 ``SimulatedSource`` is a ``positioning.camera.FrameSource``: frames leave it through
-a real librealsense syncer, exactly as from a camera, and can be recorded to a
-``.db3`` file that ``RecordingSource`` plays back through ``rs.pipeline``.
+real librealsense frame queues as librealsense frames, and can be recorded to a
+``.db3`` file that ``RecordingSource`` plays back frame by frame.
 """
 from __future__ import annotations
 
