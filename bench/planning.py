@@ -10,6 +10,7 @@
 4. Margins: coverage and median overscan for every margin 0-40 mm, from the
    margin-free signed errors of the range ends (a plot, --plot).
 Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest] [--plot docs/figures/x.png]
+     [--scene-config bench/scenes/anny-bodies.toml]  (accuracy on other scenes, e.g. bodies outside the shape space)
 """
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ import numpy as np
 SEED0 = 40_000_000
 
 
-def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
+def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config: Path | None = None) -> dict:
     from positioning.cli import plan_from_capture
     from positioning.plan import PlanRefused, ScannerSpec, bore_safe_height, load_protocol
     from positioning.segment import SegmentationError
     from sim.scene import load_config, sample_scene
     from sim.simulate import posed_patient, simulate
 
-    cfg = load_config(None)
+    cfg = load_config(scene_config)
     proto = load_protocol(protocol)
     rows, refused, bore = [], Counter(), Counter()
     for i in range(n):
@@ -77,6 +78,9 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0) -> dict:
                      "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"],
                      "clipped": any(w["code"] == "RANGE_CLIPPED" for w in plan.warnings),
                      "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"], **warm})
+    if not rows:
+        return {"n": n, "planned": 0, "refused": dict(refused), "bore_check_vs_truth": dict(bore),
+                "margin_free_end_errors": []}
     e = np.array([r["iso_err"] for r in rows])
     cov = np.array([r["over_cr"] >= -5 and r["over_ca"] >= -5 for r in rows])
     by = defaultdict(list)
@@ -118,6 +122,8 @@ def true_clearance(true_v: np.ndarray, plan, capture_height_mm: float, spec) -> 
 
 def margin_curve(free: list[tuple[float, float]], margins=range(0, 41, 2)) -> list[dict]:
     """Coverage (5 mm tolerance) and median overscan if both ends had margin m, from margin-free signed errors."""
+    if not free:
+        return []
     e = np.array(free)
     return [{"margin_mm": m, "covered_5mm": float(np.mean(np.all(e + m >= -5.0, axis=1))),
              "cranial_covered": float(np.mean(e[:, 0] + m >= -5.0)), "caudal_covered": float(np.mean(e[:, 1] + m >= -5.0)),
@@ -221,14 +227,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--protocol", default="chest")
     ap.add_argument("--seed0", type=int, default=SEED0, help="first scene seed (the tuning set is 50,000,000+)")
+    ap.add_argument("--scene-config", type=Path,
+                    help="simulator TOML for the accuracy captures (e.g. bench/scenes/anny-bodies.toml)")
     ap.add_argument("--out", default="bench/out/planning.json")
     ap.add_argument("--plot", type=Path, help="write the margin plot here (PNG)")
     a = ap.parse_args()
     model, net = load_body_model(), load_keypoint_net()
     res = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-           "protocol": a.protocol}
+           "protocol": a.protocol, "scene_config": str(a.scene_config or "defaults")}
     if a.n:
-        acc = accuracy(model, net, a.n, a.protocol, a.seed0)
+        acc = accuracy(model, net, a.n, a.protocol, a.seed0, a.scene_config)
         curve = margin_curve(acc.pop("margin_free_end_errors"))
         if a.plot:
             plot_margins(curve, a.protocol, a.plot)

@@ -98,26 +98,29 @@ def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_temp
     shape space. Returns vertices (V, 3), joints (24, 3), face points (5, 3), and the
     internal levels as posed points.
     """
-    from smplx.lbs import batch_rigid_transform, batch_rodrigues
+    from smplx.lbs import batch_rigid_transform, batch_rodrigues, lbs
 
     lay = model.layer
     b = torch.as_tensor(betas[None, : model.num_betas], dtype=torch.float32)
     bp = torch.as_tensor(body_pose[None], dtype=torch.float32)
-    kw = {}
+    vt = lay.v_template
     if v_template is not None:
-        kw["v_template"] = torch.as_tensor(v_template[None], dtype=torch.float32)
+        vt = torch.as_tensor(v_template, dtype=torch.float32)
         b = torch.zeros_like(b)
     with torch.no_grad():
-        out = lay(betas=b, body_pose=bp, global_orient=torch.zeros(1, 3), transl=torch.zeros(1, 3), **kw)
-        vt = kw["v_template"][0] if v_template is not None else lay.v_template
+        # smplx's lbs itself: the layer's forward silently ignores a v_template argument
+        # and would pose its own mean template instead of this body.
+        full_pose = torch.cat([torch.zeros(1, 3), bp.reshape(1, -1)], dim=1)
+        v, j = lbs(b, full_pose, vt, lay.shapedirs, lay.posedirs, lay.J_regressor, lay.parents, lay.lbs_weights)
+        joints_all = lay.vertex_joint_selector(v, j)
         v_shaped = vt + torch.einsum("l,vcl->vc", b[0], lay.shapedirs)
         rest_j = (lay.J_regressor @ v_shaped).numpy().astype(np.float64)
         rots = batch_rodrigues(torch.cat([torch.zeros(1, 3), bp.view(-1, 3)]).double()).view(1, NUM_JOINTS, 3, 3)
         _, rel = batch_rigid_transform(rots, torch.as_tensor(rest_j[None]), torch.as_tensor(np.array(PARENTS)),
                                        dtype=torch.float64)
-    verts = out.vertices[0].numpy().astype(np.float64)
-    joints = out.joints[0, :NUM_JOINTS].numpy().astype(np.float64)
-    face = out.joints[0, NUM_JOINTS:NUM_JOINTS + 5].numpy().astype(np.float64)
+    verts = v[0].numpy().astype(np.float64)
+    joints = joints_all[0, :NUM_JOINTS].numpy().astype(np.float64)
+    face = joints_all[0, NUM_JOINTS:NUM_JOINTS + 5].numpy().astype(np.float64)
     levels = posed_levels(rest_j, rel[0].numpy(), rng.normal(0, APEX_SD_M), rng.normal(0, BASE_SD_M))
     return verts, joints, face, levels
 

@@ -9,7 +9,7 @@ from positioning.frames import depth_to_points, project, transform
 from sim import render
 from sim.room import box
 from sim.scene import SceneConfigError, load_config, sample_scene
-from sim.simulate import PROTOCOLS, simulate
+from sim.simulate import PROTOCOLS, posed_patient, simulate
 
 
 def test_same_seed_same_capture(body_model):
@@ -114,6 +114,21 @@ def test_bad_config_refused(tmp_path, text, expect):
         load_config(f)
 
 
+def test_a_body_of_its_own_is_posed_not_the_model_template(body_model):
+    """pose_body with a rest mesh of its own (anny's bodies) poses that mesh: in the rest pose it comes back
+    unchanged, with its own joints (smplx's layer would silently pose its mean template instead)."""
+    from sim.body import pose_body
+
+    d = body_model.data
+    own = d.v_template * np.array([1.1, 1.2, 0.9])
+    zero = np.zeros((23, 3))
+    v, j, _, levels = pose_body(body_model, np.zeros(body_model.num_betas), zero, own, np.random.default_rng(0))
+    assert np.abs(v - own).max() < 1e-5
+    assert np.abs(j - d.J_regressor @ own).max() < 1e-5
+    v_mean, _, _, _ = pose_body(body_model, np.zeros(body_model.num_betas), zero, None, np.random.default_rng(0))
+    assert np.abs(v_mean - d.v_template).max() < 1e-5
+
+
 @pytest.mark.slow
 def test_bodies_straight_from_anny(body_model):
     """anny's own surface (not its projection on our shape space) on the same skeleton and anatomy rules."""
@@ -124,6 +139,9 @@ def test_bodies_straight_from_anny(body_model):
     assert truth["body_source"] == "anny" and 1400 < truth["stature_mm"] < 2300  # anny reaches 2.25 m
     assert 150 < abs(truth["protocols"]["chest"]["cranial_y_mm"] - truth["protocols"]["chest"]["caudal_y_mm"]) < 350
     assert (cap.depth > 0).mean() > 0.8
+    # What is rendered is that body: lying straight, its length on the table is its stature.
+    verts = posed_patient(p, body_model)[1]
+    assert abs(np.ptp(verts[:, 1]) - truth["stature_mm"]) < 0.05 * truth["stature_mm"]
 
 
 def test_a_limb_below_the_back_swings_up_to_rest_on_the_mattress():
