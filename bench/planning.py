@@ -39,7 +39,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
 
     cfg = load_config(scene_config)
     proto = load_protocol(protocol)
-    rows, refused, bore = [], Counter(), Counter()
+    rows, refused, bore, refused_by_stature = [], Counter(), Counter(), Counter()
     for i in range(n):
         p = sample_scene(seed0 + i, cfg, model.data.train["betas"])
         cap, t = simulate(p, model)
@@ -51,6 +51,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
         except (PlanRefused, SegmentationError) as exc:
             code = getattr(exc, "code", "SEGMENTATION")
             refused[code] += 1
+            refused_by_stature[_stature_band(t["stature_mm"])] += 1
             if code == "BORE_COLLISION":  # would the true body have cleared at some height?
                 try:
                     bore_safe_height(true_v, reg["ideal_table_height_mm"], p.table_height_mm,
@@ -72,6 +73,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
         hd = 1.0 if t["patient_position"].startswith("H") else -1.0
         pr = plan.scan_range_scanner_mm
         rows.append({"seed": p.seed, "pose": p.pose, "position": p.patient_position, "bmi": t["bmi"],
+                     "stature": _stature_band(t["stature_mm"]),
                      "position_ok": plan.patient_position == t["patient_position"],
                      "iso_err": plan.table_height_mm - reg["ideal_table_height_mm"],
                      "over_cr": (pr["cranial"] - reg["cranial_y_mm"]) * hd,
@@ -88,6 +90,9 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
         by[r["position"]].append(r["iso_err"])
         by[r["pose"]].append(r["iso_err"])
         by["BMI>=30" if r["bmi"] >= 30 else "BMI<30"].append(r["iso_err"])
+    stature = defaultdict(list)
+    for r in rows:
+        stature[r["stature"]].append(r)
     w = [r for r in rows if "warm_ms" in r]
     free = [(r["over_cr"] - proto.cranial_margin_mm, r["over_ca"] - proto.caudal_margin_mm)
              for r in rows if not r["clipped"]]
@@ -107,7 +112,23 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
             "thickness_err_mm": {"median": float(np.median([r["thick_err"] for r in rows])),
                                  "abs_p95": float(np.percentile(np.abs([r["thick_err"] for r in rows]), 95))},
             "margin_free_end_errors": free,
-            "iso_signed_median_by_group": {k: [len(v), float(np.median(v))] for k, v in sorted(by.items())}}
+            "iso_signed_median_by_group": {k: [len(v), float(np.median(v))] for k, v in sorted(by.items())},
+            "by_stature": {k: _band_summary(stature[k], refused_by_stature[k])
+                           for k in sorted(set(stature) | set(refused_by_stature))}}
+
+
+def _band_summary(rows: list[dict], refused: int) -> dict:
+    out = {"planned": len(rows), "refused": refused}
+    if rows:
+        e = np.abs([r["iso_err"] for r in rows])
+        out.update(iso_abs_err_mm_median=float(np.median(e)), iso_abs_err_mm_p95=float(np.percentile(e, 95)),
+                   covered_5mm=float(np.mean([r["over_cr"] >= -5 and r["over_ca"] >= -5 for r in rows])))
+    return out
+
+
+def _stature_band(mm: float) -> str:
+    """The body model was built from bodies 1.45-2.05 m tall (docs/body-model.md)."""
+    return "under 1.45 m" if mm < 1450 else "over 2.05 m" if mm > 2050 else "1.45-2.05 m"
 
 
 def true_clearance(true_v: np.ndarray, plan, capture_height_mm: float, spec) -> float:
