@@ -5,6 +5,7 @@ ankles and neck against truth, visible-surface error (the true body's camera-vis
 surface to the fitted mesh), and time cold (all hypotheses) and warm (a second frame of the same
 scene, started from the first). Broken down by pose and body type.
 Run: .venv/bin/python bench/perception.py [--n 200] [--no-keypoints] [--colour]
+     [--scene-config bench/scenes/anny-bodies.toml]  (bodies outside the body model's training set)
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--no-keypoints", action="store_true")
     ap.add_argument("--colour", action="store_true", help="fuse MediaPipe's colour keypoints (optional extra)")
+    ap.add_argument("--scene-config", type=Path,
+                    help="simulator TOML for the captures (e.g. bench/scenes/anny-bodies.toml)")
     ap.add_argument("--json", type=Path, default=Path("bench/out/perception.json"))
     args = ap.parse_args()
     import dataclasses
@@ -66,7 +69,7 @@ def main() -> None:
 
     model = load_body_model()
     net = None if args.no_keypoints else load_keypoint_net()
-    cfg = load_config(None)
+    cfg = load_config(args.scene_config)
     rows = []
     for i in range(args.n):
         p = sample_scene(SEED0 + i, cfg, model.data.train["betas"])
@@ -95,6 +98,8 @@ def main() -> None:
             kinds.append("adolescent")
         if truth["blanket"]:
             kinds.append("blanket")
+        if not 1450 <= truth["stature_mm"] <= 2050:  # the body model's bodies span 1.45-2.05 m
+            kinds.append("stature < 1.45 m" if truth["stature_mm"] < 1450 else "stature > 2.05 m")
         rows.append({"seed": p.seed, "position_ok": per.patient_position == truth["patient_position"],
                      "truth_position": truth["patient_position"], "position": per.patient_position,
                      "joint_err": err.tolist(), "warm_joint_err": warm_err.tolist(),

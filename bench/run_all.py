@@ -1,11 +1,23 @@
-"""Run every benchmark in bench/ in turn and print their figures."""
+"""Run every benchmark in bench/ in turn and print their figures (the runs docs/ quotes)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
-for script in sorted(Path(__file__).parent.glob("*.py")):
-    if script.name != "run_all.py":
-        print(f"== {script.name}", flush=True)
-        subprocess.run([sys.executable, str(script)], check=True)
+HERE = Path(__file__).parent
+ANNY = str(HERE / "scenes" / "anny-bodies.toml")
+# Beyond each script's defaults: the abdomen, and bodies straight from anny (docs/planning.md, docs/perception.md).
+EXTRA = [
+    ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
+                     "--out", "bench/out/planning-anny-chest.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--protocol", "abdomen", "--scene-config", ANNY,
+                     "--out", "bench/out/planning-anny-abdomen.json"]),
+    ("perception.py", ["--n", "150", "--scene-config", ANNY, "--json", "bench/out/perception-anny.json"]),
+]
+
+runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name != "run_all.py"] + EXTRA
+for name, args in runs:
+    print(f"== {name} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / name), *args], check=True)
