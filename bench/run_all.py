@@ -7,7 +7,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ANNY = str(HERE / "scenes" / "anny-bodies.toml")
-# Beyond each script's defaults: the abdomen, and bodies straight from anny (docs/planning.md, docs/perception.md).
+NOISY = str(HERE / "scenes" / "noisy-camera.toml")
+# Beyond each script's defaults: the abdomen, bodies straight from anny and a worse camera
+# (docs/planning.md, docs/perception.md).
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
@@ -15,6 +17,10 @@ EXTRA = [
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--protocol", "abdomen", "--scene-config", ANNY,
                      "--out", "bench/out/planning-anny-abdomen.json"]),
     ("perception.py", ["--n", "150", "--scene-config", ANNY, "--json", "bench/out/perception-anny.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", NOISY,
+                     "--out", "bench/out/planning-noisy-chest.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--protocol", "abdomen", "--scene-config", NOISY,
+                     "--out", "bench/out/planning-noisy-abdomen.json"]),
 ]
 
 runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name != "run_all.py"] + EXTRA
