@@ -1,9 +1,10 @@
 """Camera sources: live RealSense, a recording, or the simulator, behind one interface.
 
 All three go through librealsense: a live camera through ``rs.pipeline``, a
-recording (``.db3`` / ``.bag``) through its playback device and ``rs.syncer``, the
-simulator through ``rs.software_device`` (``sim/realsense.py``). Code above a source gets ``Frame`` objects and cannot
-tell which it was. This is an I/O edge; the core never imports it.
+recording (``.db3`` / ``.bag``) through its playback device and ``rs.syncer``,
+the simulator through ``rs.software_device`` (``sim/realsense.py``). Code above
+a source gets ``Frame`` objects and cannot tell which it was. This is an I/O
+edge; the core never imports it.
 
 Live and recorded frames share one processing path: librealsense's own depth
 post-processing (spatial, temporal, hole-filling filters; optional) and
@@ -139,6 +140,12 @@ class RealSenseSource(_RsSource):
     def start(self) -> None:
         import pyrealsense2 as rs
 
+        # Asked first: a pipeline waits 15 s for a camera that is not there before it says so.
+        attached = [d.get_info(rs.camera_info.serial_number) for d in rs.context().query_devices()]
+        if not attached:
+            raise CameraError("no RealSense camera is connected")
+        if self.serial and self.serial not in attached:
+            raise CameraError(f"RealSense camera {self.serial} is not connected (connected: {', '.join(attached)})")
         cfg = rs.config()
         if self.serial:
             cfg.enable_device(self.serial)

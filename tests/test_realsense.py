@@ -104,3 +104,14 @@ def test_corrupt_recording_is_refused(tmp_path):
     bad.write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)
     with pytest.raises(CameraError, match="cannot start"):
         RecordingSource(bad).start()
+
+
+def test_an_absent_live_camera_is_refused_in_one_line():
+    """librealsense's own device list, asked for a camera that is not attached (none is, here)."""
+    from positioning.camera import RealSenseSource
+
+    cam = RealSenseSource(serial="NO-SUCH-CAMERA-0000")
+    with pytest.raises(CameraError, match="not started"):
+        cam.read()
+    with pytest.raises(CameraError, match="no RealSense camera is connected|NO-SUCH-CAMERA-0000 is not connected"):
+        cam.start()
