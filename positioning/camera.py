@@ -184,7 +184,7 @@ class RecordingSource(_RsSource):
     block holds each stream's latest frame, as the pipeline does, so every set is whole.
     """
 
-    _POLL_MS = 50
+    _POLL_MS = 50  # how long one wait on the syncer may block, so that read() keeps its deadline
 
     def __init__(self, path: str | Path, filters: bool = False) -> None:
         super().__init__(filters)

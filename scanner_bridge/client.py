@@ -117,7 +117,7 @@ class BridgeClient:
                     try:  # a beat that cannot go now is a missed beat, which the daemon acts on
                         sock.send(Envelope(type="heartbeat", sender=self.name).encode(), zmq.NOBLOCK)
                     except zmq.Again:
-                        pass
+                        log.debug("heartbeat to %s not sent: no peer ready", self.endpoint)
                     while sock.poll(0):
                         sock.recv()
             finally:
