@@ -145,6 +145,41 @@ class _Skin:
         return v - posed_j[:, :1], posed_j - posed_j[:, :1]
 
 
+class Adam:
+    """torch.optim.Adam's update (no weight decay, no AMSGrad), over groups of (tensors, learning rate).
+
+    Why not torch.optim: constructing any of its optimisers imports torch._dynamo (and sympy),
+    about 1 s on this machine, a third of a fresh `ctpos plan` process (docs/planning.md).
+    The arithmetic is torch's single-tensor Adam, op for op; tests/test_fit.py checks that
+    both take the same steps.
+    """
+
+    def __init__(self, groups: list[tuple[list[torch.Tensor], float]], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = [(p, lr) for ps, lr in groups for p in ps]
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(p) for p, _ in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p, _ in self.params]
+
+    def zero_grad(self) -> None:
+        for p, _ in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        bias1 = 1 - self.beta1 ** self.steps
+        bias2_sqrt = (1 - self.beta2 ** self.steps) ** 0.5
+        for (p, lr), m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1 - self.beta2)
+            p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(self.eps), value=-lr / bias1)
+
+
 def _rot_z(a: torch.Tensor) -> torch.Tensor:
     c, s = torch.cos(a), torch.sin(a)
     z, o = torch.zeros_like(a), torch.ones_like(a)
@@ -223,12 +258,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     kc = None if keypoint_conf is None else torch.as_tensor(keypoint_conf, dtype=torch.float32)
     free = torch.ones(NUM_JOINTS, 3)
     free[0] = 0.0  # the root's rotation is yaw/tilt/base
-    opt = torch.optim.Adam([
-        {"params": [yaw, tilt], "lr": 0.02},
-        {"params": [trans], "lr": 0.01},
-        {"params": [betas], "lr": 0.05},
-        {"params": [dpose], "lr": 0.03},
-    ])
+    opt = Adam([([yaw, tilt], 0.02), ([trans], 0.01), ([betas], 0.05), ([dpose], 0.03)])
     with torch.no_grad():
         if warm is not None:
             trans[:] = torch.as_tensor(warm.translation_mm / 1000.0, dtype=torch.float32)

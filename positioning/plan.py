@@ -202,7 +202,8 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     if forearms is None:
         forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
                              for s in ("left", "right")])
-    sec = slab_section(vertices, trunk, observed_points[~near_forearms(observed_points, forearms)], support_z_mm, yc,
+    slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # all slab_section reads
+    sec = slab_section(vertices, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
                        prone=patient_position.endswith("P"))
     if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from positioning.capture import read_capture, read_truth
-from positioning.fit import fit_body, one_torch_thread
+from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.perceive import keypoints_as_joints, perceive
 from positioning.segment import SegmentationError, segment_patient
 from positioning.skeleton import JOINT_NAMES
@@ -178,3 +178,26 @@ def test_torch_runs_on_one_thread_inside_perception_and_the_callers_setting_retu
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_fits_adam_takes_torchs_adam_steps():
+    """positioning.fit.Adam avoids torch.optim's import cost; its steps must be torch's, group learning rates and all."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, generator=gen), torch.randn(2, 4, generator=gen), torch.randn(5, generator=gen)]
+    target = [torch.randn_like(p) for p in start]
+
+    def run(make_opt):
+        ps = [p.clone().requires_grad_(True) for p in start]
+        opt = make_opt(ps)
+        for _ in range(30):
+            opt.zero_grad()
+            # Different curvature per tensor, so that the per-element scaling matters.
+            sum(((p - t) ** 2 * (k + 1)).sum() + (p ** 4).sum() * 0.1 for k, (p, t) in enumerate(zip(ps, target))).backward()
+            opt.step()
+        return ps
+
+    ours = run(lambda ps: Adam([(ps[:2], 0.05), (ps[2:], 0.01)]))
+    theirs = run(lambda ps: torch.optim.Adam([{"params": ps[:2], "lr": 0.05}, {"params": ps[2:], "lr": 0.01}]))
+    for a, b, s in zip(ours, theirs, start):
+        assert not torch.equal(a, s)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
