@@ -18,9 +18,10 @@ Cost (per hypothesis, metres):
 * priors: betas (unit Gaussian), pose near the hypothesis's canonical pose, joint
   limits (knees and elbows bend one way).
 
-During the fit the kinematics are smplx's own (``smplx.lbs``'s rodrigues and rigid
-transforms) and the blend is evaluated on a fixed subset of vertices; the final
-mesh comes from the full smplx layer.
+During the fit the kinematics are smplx's (``smplx.lbs``'s rodrigues; its rigid
+transforms composed by tree level, checked against smplx's in the tests) and the
+blend is evaluated on a fixed subset of vertices; the final mesh comes from the
+full smplx layer.
 """
 from __future__ import annotations
 
@@ -121,6 +122,17 @@ class _Skin:
         self.upper = torch.as_tensor(np.isin(d.weights[sub].argmax(1), [J[n] for n in UPPER_TRUNK]))
         self.parents = torch.as_tensor(np.array(PARENTS))
         self.k = k
+        # The chain composed one tree level at a time: 9 batched products instead of 23
+        # (an iteration's cost is the count of small torch ops; docs/planning.md).
+        depth = [0] * NUM_JOINTS
+        for i in range(1, NUM_JOINTS):
+            depth[i] = depth[PARENTS[i]] + 1
+        levels = [[i for i in range(NUM_JOINTS) if depth[i] == d] for d in range(max(depth) + 1)]
+        self.by_depth = torch.as_tensor([i for lv in levels for i in lv])
+        self.joint_order = torch.as_tensor(np.argsort(self.by_depth.numpy()))
+        self.level_ends = np.cumsum([len(lv) for lv in levels]).tolist()
+        self.parent_in_level = [torch.as_tensor([levels[d - 1].index(PARENTS[i]) for i in levels[d]])
+                                for d in range(1, len(levels))]
 
     def transforms(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Rest joints (24, 3) and smplx's posed joint transforms (24, 4, 4) of one body (metres)."""
@@ -131,16 +143,30 @@ class _Skin:
         _, a = batch_rigid_transform(rot, j, self.parents)
         return j[0].numpy().astype(np.float64), a[0].numpy().astype(np.float64)
 
+    def rigid_transforms(self, rot: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """smplx's ``batch_rigid_transform``, by tree level: rot (B, 24, 3, 3), rest joints j (B, 24, 3) ->
+        (posed joints (B, 24, 3), each joint's rest-to-posed transform (B, 24, 3, 4)); metres, model frame."""
+        b = j.shape[0]
+        rel = torch.cat([j[:, :1], j[:, 1:] - j[:, self.parents[1:]]], 1)
+        local = torch.cat([torch.cat([rot, rel[..., None]], -1),
+                           torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(b, NUM_JOINTS, 1, 4)], -2)[:, self.by_depth]
+        world = [local[:, :1]]
+        for lo, hi, parent in zip(self.level_ends, self.level_ends[1:], self.parent_in_level):
+            world.append(world[-1][:, parent] @ local[:, lo:hi])
+        w = torch.cat(world, 1)[:, self.joint_order]
+        r, posed = w[..., :3, :3], w[..., :3, 3]
+        return posed, torch.cat([r, (posed - (r @ j[..., None])[..., 0])[..., None]], -1)
+
     def __call__(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3)), root at the origin."""
-        from smplx.lbs import batch_rigid_transform, batch_rodrigues
+        from smplx.lbs import batch_rodrigues
 
         b = betas.shape[0]
         j = self.j_t + torch.einsum("bl,jcl->bjc", betas, self.j_sd)
         v = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(b, NUM_JOINTS, 3, 3)
-        posed_j, a = batch_rigid_transform(rot, j, self.parents)
-        t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a[..., :3, :])  # (B, S, 3, 4): the bottom row is constant
+        posed_j, a = self.rigid_transforms(rot, j)
+        t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a)  # (B, S, 3, 4)
         v = torch.einsum("bvmn,bvn->bvm", t[..., :3], v) + t[..., 3]
         return v - posed_j[:, :1], posed_j - posed_j[:, :1]
 

@@ -201,3 +201,19 @@ def test_the_fits_adam_takes_torchs_adam_steps():
     for a, b, s in zip(ours, theirs, start):
         assert not torch.equal(a, s)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_fits_kinematic_chain_is_smplxs(body_model):
+    """The fit composes the chain by tree level; joints and transforms must be smplx's own."""
+    from smplx.lbs import batch_rigid_transform, batch_rodrigues
+
+    from positioning.fit import _Skin
+
+    skin = _Skin(body_model, np.arange(100))
+    gen = torch.Generator().manual_seed(1)
+    rot = batch_rodrigues(torch.randn(2 * 24, 3, generator=gen) * 0.6).reshape(2, 24, 3, 3)
+    j = skin.j_t + torch.einsum("bl,jcl->bjc", torch.randn(2, skin.k, generator=gen), skin.j_sd)
+    posed, a = skin.rigid_transforms(rot, j)
+    posed_ref, a_ref = batch_rigid_transform(rot, j, skin.parents)
+    torch.testing.assert_close(posed, posed_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, a_ref[..., :3, :], rtol=0, atol=1e-6)
