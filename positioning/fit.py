@@ -157,14 +157,21 @@ class _Skin:
         r, posed = w[..., :3, :3], w[..., :3, 3]
         return posed, torch.cat([r, (posed - (r @ j[..., None])[..., 0])[..., None]], -1)
 
-    def __call__(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3)), root at the origin."""
+    def __call__(self, betas: torch.Tensor, pose: torch.Tensor,
+                 orient: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3)), root at the origin.
+
+        orient: (B, 3, 3) the root's rotation in place of pose[:, 0]'s (the body's orientation in S,
+        applied inside the chain rather than to its results: fewer ops).
+        """
         from smplx.lbs import batch_rodrigues
 
         b = betas.shape[0]
         j = self.j_t + torch.einsum("bl,jcl->bjc", betas, self.j_sd)
         v = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(b, NUM_JOINTS, 3, 3)
+        if orient is not None:
+            rot = torch.cat([orient[:, None], rot[:, 1:]], 1)
         posed_j, a = self.rigid_transforms(rot, j)
         t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a)  # (B, S, 3, 4)
         v = torch.einsum("bvmn,bvn->bvm", t[..., :3], v) + t[..., 3]
@@ -305,10 +312,9 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     for it in range(iterations):
         opt.zero_grad()
         pose = pose0 + dpose * free
-        v, j = skin(betas, pose)
-        rot = _rot_z(yaw) @ _small_rot(tilt) @ base
-        vs = torch.einsum("bij,bvj->bvi", rot, v) + trans[:, None]
-        js = torch.einsum("bij,bvj->bvi", rot, j) + trans[:, None]
+        v, j = skin(betas, pose, _rot_z(yaw) @ _small_rot(tilt) @ base)
+        vs = v + trans[:, None]
+        js = j + trans[:, None]
         if it % 5 == 0:
             with torch.no_grad():
                 vn = vs.numpy()
