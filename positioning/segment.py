@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from positioning.capture import Capture
-from positioning.frames import depth_to_points, scanner_to_table, transform
+from positioning.frames import scanner_to_table, valid_depth_to_scanner
 
 CELL_MM = 10.0
 FOOTPRINT_HALF_WIDTH_MM = 330.0  # tabletop (~260) plus what hangs over: a blanket, an elbow
@@ -113,8 +113,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
         raise SegmentationError(f"only {valid.mean() * 100:.0f} % of the depth image holds data "
                                 f"(camera covered, too close, or not a depth image)")
     sc = capture.scene
-    pts_s = transform(depth_to_points(depth, capture.camera)[valid], sc.camera_to_scanner)
-    rows, cols = np.nonzero(valid)
+    rows, cols, pts_s = valid_depth_to_scanner(depth, capture.camera, sc.camera_to_scanner)
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
     in_foot = (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
     support = support_height_t(pts_t[in_foot, 2])

@@ -217,3 +217,17 @@ def test_the_fits_kinematic_chain_is_smplxs(body_model):
     posed_ref, a_ref = batch_rigid_transform(rot, j, skin.parents)
     torch.testing.assert_close(posed, posed_ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(a, a_ref[..., :3, :], rtol=0, atol=1e-6)
+
+
+def test_valid_depth_pixels_land_where_the_general_transform_puts_them(sim_cases):
+    """Segmentation's float32 path over the valid pixels only agrees with depth_to_points + transform."""
+    from positioning.frames import depth_to_points, transform, valid_depth_to_scanner
+
+    cap = read_capture(sim_cases[0])
+    depth = cap.depth_mm()
+    depth[::7, ::5] = 0.0  # holes
+    rows, cols, pts = valid_depth_to_scanner(depth, cap.camera, cap.scene.camera_to_scanner)
+    ref = transform(depth_to_points(depth, cap.camera)[depth > 0], cap.scene.camera_to_scanner)
+    assert pts.dtype == np.float32 and len(pts) == len(ref) == (depth > 0).sum()
+    assert np.array_equal(np.stack([rows, cols], 1), np.argwhere(depth > 0))
+    assert np.abs(pts - ref).max() < 0.01
