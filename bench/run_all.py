@@ -8,8 +8,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 ANNY = str(HERE / "scenes" / "anny-bodies.toml")
 NOISY = str(HERE / "scenes" / "noisy-camera.toml")
-# Beyond each script's defaults: the abdomen, bodies straight from anny and a worse camera
-# (docs/planning.md, docs/perception.md).
+HIRES = str(HERE / "scenes" / "depth-1280x720.toml")
+LORES = str(HERE / "scenes" / "depth-424x240.toml")
+# Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera and
+# other depth sizes (docs/planning.md, docs/perception.md).
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
@@ -21,6 +23,10 @@ EXTRA = [
                      "--out", "bench/out/planning-noisy-chest.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--protocol", "abdomen", "--scene-config", NOISY,
                      "--out", "bench/out/planning-noisy-abdomen.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", HIRES,
+                     "--out", "bench/out/planning-1280x720-chest.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", LORES,
+                     "--out", "bench/out/planning-424x240-chest.json"]),
 ]
 
 runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name != "run_all.py"] + EXTRA

@@ -7,6 +7,7 @@ Drawing is deterministic for a seed (numpy's PCG64).
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "mattress_mm": [40.0, 70.0],
     "bore_diameter_mm": [700.0, 780.0],
     "sink_mm": [0.0, 15.0],  # the body into mattress and soft tissue; what would pass below is flattened
+    # Last, and fixed by default, so that a config setting one size draws the same scenes as the defaults.
+    "depth_resolution": "848x480",  # "WxH"; fx above is for 848 px wide and scales with the width (same field of view)
 }
 WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
 
@@ -81,9 +84,16 @@ class SceneParams:
     mattress_mm: float
     bore_diameter_mm: float
     sink_mm: float
+    depth_resolution: str = "848x480"
     pose_seed: int = 0
     source_body: int = -1  # index of the model's training body the shape was drawn around
     anny_phenotype: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the depth image, px."""
+        w, h = self.depth_resolution.split("x")
+        return int(w), int(h)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,6 +121,9 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
             raise SceneConfigError(f"{p}: patient_position must be among {POSITIONS}")
         if k == "pose" and any(x not in POSES for x in np.atleast_1d(v)):
             raise SceneConfigError(f"{p}: pose must be among {POSES}")
+        if k == "depth_resolution" and not all(re.fullmatch(r"[1-9]\d{1,3}x[1-9]\d{1,3}", str(x))
+                                               for x in np.atleast_1d(v)):
+            raise SceneConfigError(f"{p}: depth_resolution must be 'WIDTHxHEIGHT' in pixels, e.g. '1280x720'")
         cfg[k] = v
     return cfg
 

@@ -55,17 +55,20 @@ def camera_pose(height_mm: float, tilt_deg: float, roll_deg: float, lateral_mm: 
     return m
 
 
-def d455_intrinsics(fx: float, principal_offset_px: float) -> tuple[CameraIntrinsics, np.ndarray]:
-    """D455-like depth intrinsics at 848x480 and their 3x3 matrix."""
+def d455_intrinsics(fx: float, principal_offset_px: float, width: int = WIDTH,
+                    height: int = HEIGHT) -> tuple[CameraIntrinsics, np.ndarray]:
+    """D455-like depth intrinsics and their 3x3 matrix; fx (px) and the offset are for 848 px wide and scale
+    with the width (the same field of view at another resolution)."""
+    fx, principal_offset_px = fx * width / WIDTH, principal_offset_px * width / WIDTH
     fy = fx * 1.002
-    cx, cy = WIDTH / 2 - 0.5 + principal_offset_px, HEIGHT / 2 - 0.5 - 0.7 * principal_offset_px
-    intr = CameraIntrinsics(WIDTH, HEIGHT, float(fx), float(fy), float(cx), float(cy), 0.001)
+    cx, cy = width / 2 - 0.5 + principal_offset_px, height / 2 - 0.5 - 0.7 * principal_offset_px
+    intr = CameraIntrinsics(width, height, float(fx), float(fy), float(cx), float(cy), 0.001)
     return intr, np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
 
 
 def make_camera(p: SceneParams) -> SimCamera:
     """The scene's simulated RealSense: intrinsics and mount."""
-    intr, k = d455_intrinsics(p.fx, p.principal_offset_px)
+    intr, k = d455_intrinsics(p.fx, p.principal_offset_px, *p.image_size)
     m = camera_pose(p.camera_height_mm, p.camera_tilt_deg, p.camera_roll_deg, p.camera_lateral_mm,
                     p.camera_target_y_mm, p.table_height_mm, p.table_longitudinal_mm)
     return SimCamera(intr, k, m)
@@ -199,7 +202,7 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
         meshes.append(blanket_mesh([body] + meshes[len(room) + 1:], start, end, mattress_top))
 
     cam = make_camera(p)
-    ideal = render.raycast(meshes, cam.k, cam.camera_to_scanner, WIDTH, HEIGHT)
+    ideal = render.raycast(meshes, cam.k, cam.camera_to_scanner, *p.image_size)
     noise_rng = np.random.default_rng(p.seed + 7919)
     depth = render.add_depth_noise(ideal.depth, cam.intrinsics.fx, p.noise_subpixel, p.noise_wave_mm,
                                    p.hole_fraction, noise_rng)

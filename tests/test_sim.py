@@ -1,6 +1,8 @@
 """The simulator: determinism, geometry of the scene, ground truth and the depth noise model."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -102,10 +104,29 @@ def test_config_fixes_and_ranges_parameters(tmp_path, body_model):
         assert 300 <= p.table_height_mm <= 310
 
 
+def test_another_depth_resolution_draws_the_same_scene_at_that_size(tmp_path, body_model):
+    """Captures from other cameras come at other sizes; the field of view stays, so the scene is the same."""
+    f = tmp_path / "c.toml"
+    f.write_text('depth_resolution = "1280x720"\n')
+    p0 = sample_scene(3, load_config(None), body_model.data.train["betas"])
+    p = sample_scene(3, load_config(f), body_model.data.train["betas"])
+    assert dataclasses.replace(p, depth_resolution=p0.depth_resolution) == p0
+    cap0, _ = simulate(p0, body_model)
+    cap, _ = simulate(p, body_model)
+    assert cap.depth.shape == (720, 1280) and cap.color.shape[:2] == (720, 1280)
+    assert cap.camera.fx == pytest.approx(cap0.camera.fx * 1280 / 848)
+    # The same body, seen in more pixels: the patient's points in S agree.
+    c0, c = (transform(depth_to_points(k.depth_mm(), k.camera)[k.depth > 0], k.scene.camera_to_scanner)
+             for k in (cap0, cap))
+    assert len(c) > 2 * len(c0)
+    assert np.abs(np.percentile(c[:, 2], [50, 90, 99]) - np.percentile(c0[:, 2], [50, 90, 99])).max() < 5.0
+
+
 @pytest.mark.parametrize("text, expect", [
     ("tabel_height_mm = 3", "unknown scene parameter"),
     ("pose = 'cartwheel'", "pose must be among"),
     ("this is = not toml =", "not valid TOML"),
+    ("depth_resolution = '1280 by 720'", "WIDTHxHEIGHT"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
