@@ -183,7 +183,7 @@ class Adam:
 
     Why not torch.optim: constructing any of its optimisers imports torch._dynamo (and sympy),
     about 1 s on this machine, a third of a fresh `ctpos plan` process (docs/planning.md).
-    The arithmetic is torch's single-tensor Adam, op for op; tests/test_fit.py checks that
+    The arithmetic is torch's single-tensor Adam, op for op; tests/test_perception.py checks that
     both take the same steps.
     """
 

@@ -202,7 +202,7 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     if forearms is None:
         forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
                              for s in ("left", "right")])
-    slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # all slab_section reads
+    slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # the only points slab_section reads
     sec = slab_section(vertices, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
                        prone=patient_position.endswith("P"))
     if sec is None:
