@@ -9,6 +9,11 @@ Noise model (docs/simulator.md), applied to the ideal z-depth in this order:
 4. quantisation: disparity in steps of 1/32 px, then depth in 1 mm units;
 5. dropouts: half of the pixels on depth edges, random blob-shaped holes covering
    ``hole_fraction`` of the image, and 0.2 % isolated pixels.
+
+Optionally (``flying_fraction`` > 0; off in the default scenes), that fraction of the
+depth-edge pixels are *mixed pixels* instead: a depth anywhere between the nearer
+and the farther surface around them, as an anti-aliased render or another sensor's
+edge smearing gives (they float in the air beside a silhouette).
 """
 from __future__ import annotations
 
@@ -86,8 +91,12 @@ def stereo_shadow(z: np.ndarray, fx: float, max_shift: int = 64) -> np.ndarray:
 
 
 def add_depth_noise(z: np.ndarray, fx: float, subpixel: float, wave_mm: float, hole_fraction: float,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Ideal z-depth (H, W) mm -> noisy depth (H, W) uint16 mm (0 = no data)."""
+                    rng: np.random.Generator, flying_fraction: float = 0.0) -> np.ndarray:
+    """Ideal z-depth (H, W) mm -> noisy depth (H, W) uint16 mm (0 = no data).
+
+    flying_fraction: of the depth-edge pixels, the share given a mixed depth (module doc). It draws
+    from a child of rng, so the other noise is the same with or without it.
+    """
     import cv2
 
     valid = (z > MIN_RANGE_MM) & (z < MAX_RANGE_MM)
@@ -95,12 +104,20 @@ def add_depth_noise(z: np.ndarray, fx: float, subpixel: float, wave_mm: float, h
     zm = z / 1000.0
     noisy = z + rng.normal(0, 1, z.shape) * subpixel * z * z / (fx * BASELINE_MM)
     noisy += _smooth_field(rng, z.shape, 40) * wave_mm * zm * zm
-    disp = fx * BASELINE_MM / np.maximum(noisy, 1.0)
-    noisy = fx * BASELINE_MM / (np.round(disp / SUBPIXEL_STEP) * SUBPIXEL_STEP)
     gy, gx = np.gradient(np.where(valid, z, 0.0))
     edge = np.hypot(gx, gy) > 25.0
     edge = cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-    valid &= ~(edge & (rng.uniform(size=z.shape) < 0.5))
+    mixed = np.zeros(z.shape, bool)
+    if flying_fraction > 0:
+        frng = rng.spawn(1)[0]  # a child stream: the draws below stay those of the default scenes
+        square = np.ones((3, 3), np.uint8)
+        near = cv2.erode(np.where(valid, z, np.inf).astype(np.float32), square)
+        far = cv2.dilate(np.where(valid, z, 0.0).astype(np.float32), square)
+        mixed = edge & valid & np.isfinite(near) & (far > near) & (frng.uniform(size=z.shape) < flying_fraction)
+        noisy[mixed] = near[mixed] + frng.uniform(size=z.shape)[mixed] * (far[mixed] - near[mixed])
+    disp = fx * BASELINE_MM / np.maximum(noisy, 1.0)
+    noisy = fx * BASELINE_MM / (np.round(disp / SUBPIXEL_STEP) * SUBPIXEL_STEP)
+    valid &= ~(edge & (rng.uniform(size=z.shape) < 0.5)) | mixed
     if hole_fraction > 0:
         field = _smooth_field(rng, z.shape, 12)
         valid &= field < np.quantile(field, 1.0 - hole_fraction)

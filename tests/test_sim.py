@@ -122,11 +122,30 @@ def test_another_depth_resolution_draws_the_same_scene_at_that_size(tmp_path, bo
     assert np.abs(np.percentile(c[:, 2], [50, 90, 99]) - np.percentile(c0[:, 2], [50, 90, 99])).max() < 5.0
 
 
+def test_mixed_pixels_blend_an_edge_and_leave_the_rest_as_it_was():
+    """flying_fraction = 1: every pixel on a depth edge gets a depth between its two sides; the others, drawn
+    from the same stream as without it, are unchanged."""
+    from sim.render import add_depth_noise
+
+    z = np.full((120, 160), 3000.0)
+    z[:, :80] = 1900.0  # a silhouette over a floor 1.1 m behind it
+    plain = add_depth_noise(z, 430.0, 0.05, 0.5, 0.0, np.random.default_rng(4)).astype(float)
+    mixed = add_depth_noise(z, 430.0, 0.05, 0.5, 0.0, np.random.default_rng(4), flying_fraction=1.0).astype(float)
+    between = lambda d: (d > 2000) & (d < 2900)  # noqa: E731
+    assert not between(plain).any()
+    assert between(mixed[:, 78:82]).mean() > 0.25  # the edge band (some of it in the stereo shadow: no data)
+    away = np.r_[0:75, 85:160]
+    same = (plain[:, away] == mixed[:, away]) | (plain[:, away] == 0) | (mixed[:, away] == 0)
+    assert same.mean() > 0.99 and not between(mixed[:, away]).any()
+
+
 @pytest.mark.parametrize("text, expect", [
     ("tabel_height_mm = 3", "unknown scene parameter"),
     ("pose = 'cartwheel'", "pose must be among"),
     ("this is = not toml =", "not valid TOML"),
     ("depth_resolution = '1280 by 720'", "WIDTHxHEIGHT"),
+    ("flying_fraction = 1.5", "from 0 to 1"),
+    ("flying_fraction = 'some'", "from 0 to 1"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
