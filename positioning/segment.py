@@ -29,6 +29,10 @@ HIDDEN_DEPTH_MM = 40.0
 MIN_PATIENT_AREA_M2 = 0.12
 PERSON_AREA_M2 = 0.25  # a second part this large is a second person
 GANTRY_Y_S_MM = -500.0  # nearer the isocenter than this is the gantry's face or the bore
+# A pixel this fraction of its depth behind the nearest and in front of the farthest depth around it (5 x 5) lies
+# between two surfaces: at 2 m, 60 mm per pixel each way, a surface seen more than 85 degrees off its normal,
+# which stereo does not measure.
+VEIL_STEP = 0.03
 
 
 class SegmentationError(Exception):
@@ -92,6 +96,26 @@ def hidden_ends(points_s: np.ndarray, camera_s: np.ndarray, floor_z_s: float,
     return (camera_s + s[keep, None] * d[keep]).astype(np.float32)
 
 
+def veil_pixels(depth_mm: np.ndarray, rel_step: float = VEIL_STEP) -> np.ndarray:
+    """(H, W) bool: mixed ("flying") pixels of a z-depth image (H, W), mm, 0 = no data.
+
+    Where a silhouette meets the background far behind it, a sensor (or an
+    anti-aliased render) may return a blend of the two depths: points hanging in the
+    air beside and below the body, which the bore check would take for body. Such a
+    pixel is well behind the nearest depth around it and well in front of the
+    farthest; on a real surface one of the two differences is small.
+    """
+    import cv2
+
+    z = depth_mm.astype(np.float32)
+    valid = z > 0
+    square = np.ones((5, 5), np.uint8)
+    near = cv2.erode(np.where(valid, z, np.float32(np.inf)), square)
+    far = cv2.dilate(z, square)  # no data (0) never wins
+    step = rel_step * z
+    return valid & (z - near > step) & (far - z > step)
+
+
 def support_height_t(z_t: np.ndarray) -> float:
     """The support surface's z_T (mm): the densest 5 mm height band between -20 and 150 mm."""
     z = z_t[(z_t > -20) & (z_t < 150)]
@@ -112,6 +136,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     if valid.mean() < min_valid_fraction:
         raise SegmentationError(f"only {valid.mean() * 100:.0f} % of the depth image holds data "
                                 f"(camera covered, too close, or not a depth image)")
+    depth[veil_pixels(depth)] = 0.0
     sc = capture.scene
     rows, cols, pts_s = valid_depth_to_scanner(depth, capture.camera, sc.camera_to_scanner)
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)

@@ -13,7 +13,7 @@ import torch
 from positioning.capture import read_capture, read_truth
 from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.perceive import keypoints_as_joints, perceive
-from positioning.segment import SegmentationError, segment_patient
+from positioning.segment import SegmentationError, segment_patient, veil_pixels
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
 from sim.scene import load_config, sample_scene
@@ -43,6 +43,33 @@ def test_segmentation_finds_the_patient_on_its_support(sim_cases):
         assert 30.0 < np.median(seg.on_table_s[:, 2]) - np.median(seg.hidden_s[:, 2]) < 40.1
         assert np.linalg.norm(seg.hidden_s[:, :2] - cam[:2], axis=1).mean() > \
             np.linalg.norm(seg.on_table_s[:, :2] - cam[:2], axis=1).mean()
+
+
+def test_mixed_pixels_between_two_surfaces_are_dropped_and_real_ones_kept():
+    """A silhouette at 1.9 m over a floor at 3 m, blended over three pixels; a steep ramp; no-data holes."""
+    z = np.full((40, 100), 3000.0, np.float32)
+    z[:, :40] = 1900.0
+    z[:, 40:43] = [2200.0, 2500.0, 2800.0]
+    z[:, 60:90] = 2000.0 + 20.0 * np.arange(30)  # a real surface 76 degrees off the view (20 mm per pixel)
+    z[5:9, 10:14] = 0.0  # no data is neither near nor far
+    v = veil_pixels(z)
+    assert v[:, 40:43].all()
+    assert not v[:, :40].any() and not v[:, 43:].any()
+
+
+def test_mixed_pixels_do_not_reach_out_to_the_bore(body_model):
+    """A sensor blending the silhouette with the floor puts points in the air beside the arms, which the bore
+    check counts as body; segmentation drops them, so what reaches out stays within a few mm of a clean capture."""
+    p = _scene(body_model, 36, pose="arms_down", patient_position="HFS", blanket=False)
+
+    def reach(flying: float) -> float:
+        cap, _ = simulate(dataclasses.replace(p, flying_fraction=flying), body_model)
+        seg = segment_patient(cap)
+        pts = np.concatenate([seg.on_table_s, seg.hidden_s])
+        return float(np.hypot(pts[:, 0], pts[:, 2] - seg.support_z_s - 150.0).max())  # from an axis 150 mm up
+
+    clean, blended = reach(0.0), reach(1.0)
+    assert abs(blended - clean) < 15.0, (clean, blended)
 
 
 def test_object_beside_the_patient_is_reported_not_fitted(body_model):
