@@ -11,8 +11,9 @@ NOISY = str(HERE / "scenes" / "noisy-camera.toml")
 HIRES = str(HERE / "scenes" / "depth-1280x720.toml")
 LORES = str(HERE / "scenes" / "depth-424x240.toml")
 FLYING = str(HERE / "scenes" / "flying-pixels.toml")
+OUTLIERS = str(HERE / "scenes" / "outliers.toml")
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera,
-# other depth sizes and mixed edge pixels (docs/planning.md, docs/perception.md).
+# other depth sizes, mixed edge pixels and outliers (docs/planning.md, docs/perception.md).
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
@@ -30,6 +31,8 @@ EXTRA = [
                      "--out", "bench/out/planning-424x240-chest.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", FLYING,
                      "--out", "bench/out/planning-flying-chest.json"]),
+    ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", OUTLIERS,
+                     "--out", "bench/out/planning-outliers-chest.json"]),
 ]
 
 runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name != "run_all.py"] + EXTRA

@@ -13,7 +13,10 @@ Noise model (docs/simulator.md), applied to the ideal z-depth in this order:
 Optionally (``flying_fraction`` > 0; off in the default scenes), that fraction of the
 depth-edge pixels are *mixed pixels* instead: a depth anywhere between the nearer
 and the farther surface around them, as an anti-aliased render or another sensor's
-edge smearing gives (they float in the air beside a silhouette).
+edge smearing gives (they float in the air beside a silhouette). And optionally
+(``outlier_fraction`` > 0; off by default) that fraction of all pixels reads a depth
+drawn evenly over the sensor's range: a sensor's sparkle outliers, or another
+tool's impulse noise.
 """
 from __future__ import annotations
 
@@ -90,12 +93,20 @@ def stereo_shadow(z: np.ndarray, fx: float, max_shift: int = 64) -> np.ndarray:
     return occ
 
 
+def _child(rng: np.random.Generator, k: int) -> np.random.Generator:
+    """The k-th child stream of rng's seed: an optional noise draws from it, so that the default noise (drawn
+    from rng itself) stays the same with or without it, and each option's draws with or without the others."""
+    ss = rng.bit_generator.seed_seq
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(ss.entropy, spawn_key=ss.spawn_key + (k,))))
+
+
 def add_depth_noise(z: np.ndarray, fx: float, subpixel: float, wave_mm: float, hole_fraction: float,
-                    rng: np.random.Generator, flying_fraction: float = 0.0) -> np.ndarray:
+                    rng: np.random.Generator, flying_fraction: float = 0.0, outlier_fraction: float = 0.0) -> np.ndarray:
     """Ideal z-depth (H, W) mm -> noisy depth (H, W) uint16 mm (0 = no data).
 
-    flying_fraction: of the depth-edge pixels, the share given a mixed depth (module doc). It draws
-    from a child of rng, so the other noise is the same with or without it.
+    flying_fraction: of the depth-edge pixels, the share given a mixed depth; outlier_fraction: of all
+    pixels, the share given a random depth (module doc). Each draws from its own child of rng, so the
+    other noise is the same with or without them.
     """
     import cv2
 
@@ -109,7 +120,7 @@ def add_depth_noise(z: np.ndarray, fx: float, subpixel: float, wave_mm: float, h
     edge = cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
     mixed = np.zeros(z.shape, bool)
     if flying_fraction > 0:
-        frng = rng.spawn(1)[0]  # a child stream: the draws below stay those of the default scenes
+        frng = _child(rng, 0)
         square = np.ones((3, 3), np.uint8)
         near = cv2.erode(np.where(valid, z, np.inf).astype(np.float32), square)
         far = cv2.dilate(np.where(valid, z, 0.0).astype(np.float32), square)
@@ -122,7 +133,12 @@ def add_depth_noise(z: np.ndarray, fx: float, subpixel: float, wave_mm: float, h
         field = _smooth_field(rng, z.shape, 12)
         valid &= field < np.quantile(field, 1.0 - hole_fraction)
     valid &= rng.uniform(size=z.shape) > 0.002
-    return np.where(valid, np.clip(np.round(noisy), 0, 65535), 0).astype(np.uint16)
+    out = np.where(valid, np.clip(np.round(noisy), 0, 65535), 0).astype(np.uint16)
+    if outlier_fraction > 0:
+        orng = _child(rng, 1)
+        hit = orng.uniform(size=z.shape) < outlier_fraction
+        out[hit] = np.round(orng.uniform(MIN_RANGE_MM, MAX_RANGE_MM, hit.sum())).astype(np.uint16)
+    return out
 
 
 def shade_color(render: Render, albedo_of_label: list[np.ndarray | tuple], rng: np.random.Generator) -> np.ndarray:

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     # Last, and fixed by default, so that a config setting one size draws the same scenes as the defaults.
     "depth_resolution": "848x480",  # "WxH"; fx above is for 848 px wide and scales with the width (same field of view)
     "flying_fraction": 0.0,  # of the depth-edge pixels, those given a mixed depth instead of none (sim/render.py)
+    "outlier_fraction": 0.0,  # of all pixels, those given a random depth over the sensor's range (sim/render.py)
 }
 WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
 
@@ -87,6 +88,7 @@ class SceneParams:
     sink_mm: float
     depth_resolution: str = "848x480"
     flying_fraction: float = 0.0
+    outlier_fraction: float = 0.0
     pose_seed: int = 0
     source_body: int = -1  # index of the model's training body the shape was drawn around
     anny_phenotype: dict[str, float] = field(default_factory=dict)
@@ -126,9 +128,10 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
         if k == "depth_resolution" and not all(re.fullmatch(r"[1-9]\d{1,3}x[1-9]\d{1,3}", str(x))
                                                for x in np.atleast_1d(v)):
             raise SceneConfigError(f"{p}: depth_resolution must be 'WIDTHxHEIGHT' in pixels, e.g. '1280x720'")
-        if k == "flying_fraction" and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
-                                              for x in (v if isinstance(v, list) else [v])):
-            raise SceneConfigError(f"{p}: flying_fraction must be a number from 0 to 1")
+        if k in ("flying_fraction", "outlier_fraction") and not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+                for x in (v if isinstance(v, list) else [v])):
+            raise SceneConfigError(f"{p}: {k} must be a number from 0 to 1")
         cfg[k] = v
     return cfg
 

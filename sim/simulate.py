@@ -205,7 +205,7 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     ideal = render.raycast(meshes, cam.k, cam.camera_to_scanner, *p.image_size)
     noise_rng = np.random.default_rng(p.seed + 7919)
     depth = render.add_depth_noise(ideal.depth, cam.intrinsics.fx, p.noise_subpixel, p.noise_wave_mm,
-                                   p.hole_fraction, noise_rng, p.flying_fraction)
+                                   p.hole_fraction, noise_rng, p.flying_fraction, p.outlier_fraction)
 
     dominant = model.data.weights.argmax(1)
     skin = np.array([0.95, 0.80, 0.70]) * (1 - p.skin_tone) + np.array([0.36, 0.24, 0.17]) * p.skin_tone

@@ -139,6 +139,17 @@ def test_mixed_pixels_blend_an_edge_and_leave_the_rest_as_it_was():
     assert same.mean() > 0.99 and not between(mixed[:, away]).any()
 
 
+def test_outliers_are_random_depths_at_their_share_of_the_pixels():
+    from sim.render import add_depth_noise
+
+    z = np.full((200, 300), 2000.0)
+    plain = add_depth_noise(z, 430.0, 0.05, 0.5, 0.0, np.random.default_rng(5)).astype(float)
+    salted = add_depth_noise(z, 430.0, 0.05, 0.5, 0.0, np.random.default_rng(5), outlier_fraction=0.01).astype(float)
+    changed = plain != salted
+    assert 0.007 < changed.mean() < 0.013  # 1 %, less the few drawn near the true depth
+    assert np.ptp(salted[changed]) > 4000 and 400 <= salted[changed].min() and salted.max() <= 6000
+
+
 @pytest.mark.parametrize("text, expect", [
     ("tabel_height_mm = 3", "unknown scene parameter"),
     ("pose = 'cartwheel'", "pose must be among"),
@@ -146,6 +157,7 @@ def test_mixed_pixels_blend_an_edge_and_leave_the_rest_as_it_was():
     ("depth_resolution = '1280 by 720'", "WIDTHxHEIGHT"),
     ("flying_fraction = 1.5", "from 0 to 1"),
     ("flying_fraction = 'some'", "from 0 to 1"),
+    ("outlier_fraction = -0.1", "outlier_fraction must be a number from 0 to 1"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
