@@ -34,13 +34,14 @@ GANTRY_Y_S_MM = -500.0  # nearer the isocenter than this is the gantry's face or
 # which stereo does not measure.
 VEIL_STEP = 0.03
 # Specks: connected blobs of depth (neighbours within SPECKLE_STEP_MM of each other) smaller than this share of the
-# image (40 px at 848 x 480, about 9 cm² at 2 m). A speck further than SPECK_AWAY_MM from every other measured
-# surface at body height is a sensor's outlier: one of them beside the table would stand for body in the bore check.
-# Specks nearer than that are kept: the edge of a flank seen at a grazing angle breaks into specks too, and it is
-# body (on 12 tuning captures, 99 % of such specks lay within 60 mm of other surface, 95 % of random outliers not).
+# image (40 px at 848 x 480, about 9 cm² at 2 m). A speck point with hardly any other measured point (on the support
+# or at body height, specks included) within SPECK_AWAY_MM is a sensor's outlier: one beside the table would stand
+# for body in the bore check. The edge of a flank or an elbow seen at a grazing angle breaks into specks too, and it
+# is body: such specks lie near each other or near other surface.
 SPECKLE_FRACTION = 1e-4
 SPECKLE_STEP_MM = 50
 SPECK_AWAY_MM = 60.0
+SPECK_NEIGHBOURS = 4  # fewer other points than this within SPECK_AWAY_MM: alone (two outliers may fall near each other)
 
 
 class SegmentationError(Exception):
@@ -116,19 +117,20 @@ def drop_speckles(depth_mm: np.ndarray, fraction: float = SPECKLE_FRACTION,
     return np.where(d > 0, depth_mm, 0.0).astype(np.float32)
 
 
-def outliers(points_s: np.ndarray, candidates: np.ndarray, surfaces: np.ndarray,
-             away_mm: float = SPECK_AWAY_MM) -> np.ndarray:
-    """(N,) bool: the candidate points that lie further than away_mm from every surface point.
+def outliers(points_s: np.ndarray, candidates: np.ndarray, away_mm: float = SPECK_AWAY_MM,
+             neighbours: int = SPECK_NEIGHBOURS) -> np.ndarray:
+    """(N,) bool: the candidate points with fewer than ``neighbours`` other points within away_mm.
 
-    points_s (N, 3) mm; candidates and surfaces (N,) bool masks over them. The fit ignores outliers (robust
-    cost) and the front is a median, so only what the bore check counts is cleared of them."""
+    points_s (N, 3) mm; candidates (N,) bool. The fit ignores outliers (robust cost)
+    and the front is a median, so only what the bore check counts is cleared of them.
+    """
     from scipy.spatial import cKDTree
 
     out = np.zeros(len(points_s), bool)
-    if candidates.any() and surfaces.any():
-        tree = cKDTree(points_s[surfaces], balanced_tree=False, compact_nodes=False)  # one query: build cheaply
-        d, _ = tree.query(points_s[candidates], distance_upper_bound=away_mm)
-        out[np.flatnonzero(candidates)[np.isinf(d)]] = True
+    if candidates.any() and len(points_s) > 1:
+        tree = cKDTree(points_s, balanced_tree=False, compact_nodes=False)  # one query: build cheaply
+        d, _ = tree.query(points_s[candidates], k=neighbours + 1, distance_upper_bound=away_mm)  # 1st: itself
+        out[np.flatnonzero(candidates)[np.isinf(d[:, -1])]] = True
     return out
 
 
@@ -235,8 +237,10 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     hm[labels != body] = -np.inf
     hm_out = np.where(np.isfinite(hm), hm, np.nan).astype(np.float32)
     at_body_height = (cand | outside) & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
-    surfaces = (at_body_height | on_support) & ~speck
-    on_table = pts_s[at_body_height & ~outliers(pts_s, at_body_height & speck, surfaces)]
+    near = at_body_height | on_support
+    alone = np.zeros(len(pts_s), bool)
+    alone[near] = outliers(pts_s[near], speck[near] & at_body_height[near])
+    on_table = pts_s[at_body_height & ~alone]
     hidden = hidden_ends(on_table, sc.camera_to_scanner[:3, 3],
                          float(support - sc.table_height_mm) + MIN_CLEARANCE_MM)
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),

@@ -72,11 +72,18 @@ def test_mixed_pixels_do_not_reach_out_to_the_bore(body_model):
     assert abs(blended - clean) < 15.0, (clean, blended)
 
 
-def test_an_outlier_is_a_candidate_far_from_every_surface():
-    pts = np.array([[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [0, 0, 50], [0, 0, 300]])
-    cand = np.array([False, False, False, True, True])
-    assert outliers(pts, cand, ~cand).tolist() == [False, False, False, False, True]
-    assert not outliers(pts, np.zeros(5, bool), np.ones(5, bool)).any()
+def test_an_outlier_is_a_candidate_with_hardly_any_point_near():
+    """On a 10 mm grid of surface: a point 50 mm over it is not an outlier, one 300 mm up is, and so are two
+    such points near each other; a cluster of specks (an elbow's edge broken up) is not."""
+    grid = np.array([[x, y, 0.0] for x in range(0, 100, 10) for y in range(0, 100, 10)])
+    lone = np.array([[50.0, 50, 50], [50, 50, 300], [500, 0, 200], [530, 0, 200]])
+    elbow = np.array([[900.0 + 10 * i, 0, 100] for i in range(6)])
+    pts = np.concatenate([grid, lone, elbow])
+    cand = np.r_[np.zeros(len(grid), bool), np.ones(len(lone) + len(elbow), bool)]
+    out = outliers(pts, cand)
+    assert not out[: len(grid)].any() and out[len(grid):len(grid) + 4].tolist() == [False, True, True, True]
+    assert not out[-len(elbow):].any()
+    assert not outliers(pts, np.zeros(len(pts), bool)).any()
 
 
 def test_sensor_outliers_do_not_stand_for_body_in_the_bore_check(body_model):
