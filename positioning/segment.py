@@ -30,8 +30,8 @@ MIN_PATIENT_AREA_M2 = 0.12
 PERSON_AREA_M2 = 0.25  # a second part this large is a second person
 GANTRY_Y_S_MM = -500.0  # nearer the isocenter than this is the gantry's face or the bore
 # A pixel this fraction of its depth behind the nearest and in front of the farthest depth around it (5 x 5) lies
-# between two surfaces: at 2 m, 60 mm per pixel each way, a surface seen more than 85 degrees off its normal,
-# which stereo does not measure.
+# between two surfaces: a real surface would have to be seen more than 81 degrees off its normal (60 mm over two
+# 4.7 mm pixels, at 2 m and 848 px wide; 73 degrees at 424 px wide), where stereo barely measures.
 VEIL_STEP = 0.03
 # Specks: connected blobs of depth (neighbours within SPECKLE_STEP_MM of each other) smaller than this share of the
 # image (40 px at 848 x 480, about 9 cm² at 2 m). A speck point with hardly any other measured point (on the support
