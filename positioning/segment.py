@@ -69,7 +69,7 @@ class Segmentation:
     on_table_s: (M, 3) float32, mm, frame S: everything at body height over the
     table and up to 250 mm beyond its sides (the patient, objects beside them, a
     hand over the edge): what travels into the bore with the table. A sensor's
-    outliers are left out (specks far from every surface, ``outliers``).
+    outliers are left out (specks with hardly any other point near, ``outliers``).
     hidden_s: (M', 3) float32, mm, frame S: where the camera's ray through each of
     those points has come down HIDDEN_DEPTH_MM further (at most to 25 mm above the
     support). The space between a point and its hidden end is unseen and may hold
