@@ -106,15 +106,15 @@ def hidden_ends(points_s: np.ndarray, camera_s: np.ndarray, floor_z_s: float,
     return (camera_s + s[keep, None] * d[keep]).astype(np.float32)
 
 
-def drop_speckles(depth_mm: np.ndarray, fraction: float = SPECKLE_FRACTION,
-                  step_mm: int = SPECKLE_STEP_MM) -> np.ndarray:
-    """(H, W) float32 z-depth (mm, 0 = no data) with OpenCV's speckle filter applied: blobs of fewer than
-    ``fraction`` of the image's pixels, cut off from everything else by depth steps over step_mm, set to 0."""
+def speckle_pixels(depth_mm: np.ndarray, fraction: float = SPECKLE_FRACTION,
+                   step_mm: int = SPECKLE_STEP_MM) -> np.ndarray:
+    """(H, W) bool: the pixels of a z-depth image (mm, 0 = no data) that OpenCV's speckle filter removes: blobs of
+    fewer than ``fraction`` of the image's pixels, cut off from everything else by depth steps over step_mm."""
     import cv2
 
     d = np.clip(np.round(depth_mm), 0, np.iinfo(np.int16).max).astype(np.int16)
     cv2.filterSpeckles(d, 0, max(1, round(fraction * d.size)), step_mm)
-    return np.where(d > 0, depth_mm, 0.0).astype(np.float32)
+    return (d == 0) & (depth_mm > 0)
 
 
 def outliers(points_s: np.ndarray, candidates: np.ndarray, away_mm: float = SPECK_AWAY_MM,
@@ -177,7 +177,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     depth[veil_pixels(depth)] = 0.0
     sc = capture.scene
     rows, cols, pts_s = valid_depth_to_scanner(depth, capture.camera, sc.camera_to_scanner)
-    speck = (drop_speckles(depth) == 0)[rows, cols]
+    speck = speckle_pixels(depth)[rows, cols]
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
     in_foot = (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
     support = support_height_t(pts_t[in_foot, 2])

@@ -131,7 +131,10 @@ def test_mixed_pixels_blend_an_edge_and_leave_the_rest_as_it_was():
     z[:, :80] = 1900.0  # a silhouette over a floor 1.1 m behind it
     plain = add_depth_noise(z, 430.0, 0.05, 0.5, 0.0, np.random.default_rng(4)).astype(float)
     mixed = add_depth_noise(z, 430.0, 0.05, 0.5, 0.0, np.random.default_rng(4), flying_fraction=1.0).astype(float)
-    between = lambda d: (d > 2000) & (d < 2900)  # noqa: E731
+
+    def between(d):
+        return (d > 2000) & (d < 2900)
+
     assert not between(plain).any()
     assert between(mixed[:, 78:82]).mean() > 0.25  # the edge band (some of it in the stereo shadow: no data)
     away = np.r_[0:75, 85:160]
