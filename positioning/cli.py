@@ -88,7 +88,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     t1 = time.perf_counter()
     per = perceive(cap, model, net, warm=warm)
     t2 = time.perf_counter()
-    warnings = [{"code": "OBJECT_BESIDE_PATIENT", "message": w} for w in per.segmentation.warnings]
+    warnings = list(per.segmentation.warnings)
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
                      per.segmentation.support_z_s, cap.scene.table_height_mm, cap.scene.table_longitudinal_mm,

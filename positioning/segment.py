@@ -42,10 +42,23 @@ SPECKLE_FRACTION = 1e-4
 SPECKLE_STEP_MM = 50
 SPECK_AWAY_MM = 60.0
 SPECK_NEIGHBOURS = 4  # fewer other points than this within SPECK_AWAY_MM: alone (two outliers may fall near each other)
+# The tabletop is level in S (its z_T axis is S's vertical). A support surface sloping in the calibrated frame means
+# the calibration no longer describes the camera: it was bumped or re-aimed, or the calibration is another room's.
+SLOPE_SEARCH_MM = 150.0
+LEVEL_POINTS = 20000
+LEVEL_SPAN_MM = (800.0, 350.0)  # along, across: the support's points must span this much to measure its slope
+# Along, across. Across is measured over the table's width only, where a depth camera's smooth error of a few mm
+# (grows with the square of the distance) is a slope of a degree or more: it warns, and never refuses.
+LEVEL_WARN_DEG = (1.0, 3.0)
+LEVEL_REFUSE_DEG = (3.0, float("inf"))
 
 
 class SegmentationError(Exception):
     """No single patient can be found on the table; the message says why in one line."""
+
+
+class TableNotLevel(SegmentationError):
+    """The support surface slopes in the calibrated frame: the calibration does not describe the camera."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +97,73 @@ class Segmentation:
     heightmap_origin_t: tuple[float, float]
     area_m2: float
     objects: list[DetectedObject] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
     on_table_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
     hidden_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
+    support_tilt_deg: tuple[float | None, float | None] = (None, None)
+
+
+def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None, float | None]:
+    """(along, across): the support surface's slope in degrees along the table (dz/dy_T) and across it (dz/dx_T).
+
+    points_t: (N, 3) mm, frame T: what the camera sees over the tabletop's footprint (support, patient, objects);
+    support_z_t: the support's height over the whole footprint (``support_height_t``). Each 100 mm slice across
+    the table gives the height of its lowest surface within SLOPE_SEARCH_MM of support_z_t; the slices that
+    agree with one line are the support's (elsewhere the patient or a blanket hides it), and a line through
+    them is the first guess of the slope along. OpenCV's Huber line fits over the points near the plane so far
+    (60, 30, then 15 mm) refine both slopes. None where the support's points span too little of the table to
+    measure a slope (LEVEL_SPAN_MM; a patient covering nearly all of the mattress); the slope across is only
+    measured with the slope along.
+    """
+    import cv2
+
+    def slope(u: np.ndarray, z: np.ndarray) -> float:
+        vu, vz, _, _ = cv2.fitLine(np.stack([u, z], 1).astype(np.float32), cv2.DIST_L2, 0, 0.01, 0.01).ravel()
+        return float(vz / vu)
+
+    q = points_t[np.abs(points_t[:, 2] - support_z_t) < SLOPE_SEARCH_MM].astype(np.float64)
+    q = q[::max(1, len(q) // LEVEL_POINTS)]  # evenly over the image: plenty for two slopes, at any depth size
+    # Within 240 mm of the centre line: a blanket hanging over the tabletop's edges is below the support.
+    mid = q[np.abs(q[:, 0]) < 240.0]
+    if len(mid) == 0:
+        return None, None
+    y_edges = np.arange(mid[:, 1].min(), mid[:, 1].max() + 100.0, 100.0)
+    z_edges = np.arange(support_z_t - SLOPE_SEARCH_MM, support_z_t + SLOPE_SEARCH_MM + 1.0, 5.0)
+    hist, _, _ = np.histogram2d(mid[:, 1], mid[:, 2], bins=(y_edges, z_edges))  # (slices, 5 mm height bins)
+    profile = []
+    for y0, h in zip(y_edges, hist):
+        # The commonest height within 60 mm above the slice's lowest well-filled bin: the lowest surface's middle,
+        # not the low tail of its noise (which grows with the distance from the camera, and would tilt the line).
+        filled = np.flatnonzero(h >= max(5.0, 0.05 * h.sum()))
+        if len(filled):
+            profile.append((y0 + 50.0, z_edges[filled[0] + int(np.argmax(h[filled[0]:filled[0] + 12]))] + 2.5))
+    profile = np.array(profile, dtype=np.float64).reshape(-1, 2)
+    if len(profile) < 3:
+        return None, None
+    # Where a blanket or the patient hides the support, a slice's lowest surface is theirs: the line through two
+    # slices that most others agree with (within 10 mm) picks the support's slices; a Huber fit runs over those.
+    i, j = np.triu_indices(len(profile), 1)
+    a, b = profile[i], profile[j]  # (pairs, 2) each: (y, z) of the two slices a line runs through
+    rise = ((b[:, 1] - a[:, 1]) / (b[:, 0] - a[:, 0]))[:, None]
+    agree = np.abs(profile[None, :, 1] - a[:, 1:] - rise * (profile[None, :, 0] - a[:, :1])) < 10.0  # (pairs, slices)
+    support_slices = profile[agree[int(np.argmax(agree.sum(1)))]]
+    if np.ptp(support_slices[:, 0]) < LEVEL_SPAN_MM[0]:
+        return None, None
+    along, across = slope(support_slices[:, 0], support_slices[:, 1]), 0.0
+    for band in (60.0, 30.0, 15.0):
+        r = q[:, 2] - along * q[:, 1] - across * q[:, 0]
+        q = q[np.abs(r - np.median(r[np.abs(r - np.median(r)) < band])) < band]
+        if len(q) < 100:
+            return None, None
+        # The two slopes are fitted in turn, each on the heights with the other taken out.
+        for _ in range(2):
+            along = slope(q[:, 1], q[:, 2] - across * q[:, 0])
+            across = slope(q[:, 0], q[:, 2] - along * q[:, 1])
+    span_y, span_x = np.ptp(np.percentile(q[:, :2], [5, 95], axis=0), axis=0)[[1, 0]]
+    if span_y < LEVEL_SPAN_MM[0]:
+        return None, None  # a plane fitted over a short stretch of the table does not give its slope across either
+    return float(np.degrees(np.arctan(along))), (float(np.degrees(np.arctan(across))) if span_x >= LEVEL_SPAN_MM[1]
+                                                 else None)
 
 
 def hidden_ends(points_s: np.ndarray, camera_s: np.ndarray, floor_z_s: float,
@@ -180,7 +257,17 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     speck = speckle_pixels(depth)[rows, cols]
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
     in_foot = (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+    warnings: list[dict[str, str]] = []
+    # Checked first: on a sloping support, everything judged by height above it would be wrong.
     support = support_height_t(pts_t[in_foot, 2])
+    tilt = support_tilt(pts_t[in_foot], support)
+    off = [abs(t) / w for t, w in zip(tilt, LEVEL_WARN_DEG) if t is not None]
+    if max(off, default=0.0) >= 1.0:
+        reason = "the tabletop slopes " + " and ".join(f"{t:+.1f} deg {axis}" for t, axis in zip(tilt, ("along", "across"))
+                                                      if t is not None) + " in the calibrated frame, where it is level"
+        if any(t is not None and abs(t) >= r for t, r in zip(tilt, LEVEL_REFUSE_DEG)):
+            raise TableNotLevel(f"{reason}: the camera has moved since its calibration; calibrate it again")
+        warnings.append({"code": "CALIBRATION_SUSPECT", "message": f"{reason}: check the camera's calibration"})
     above = pts_t[:, 2] - support
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
 
@@ -205,7 +292,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     body = parts[0]
     label_of_point = np.where(cand, labels[iy, ix], 0)
     body_area = stats[body, cv2.CC_STAT_AREA] * cell_m2
-    objects, warnings = [], []
+    objects = []
     for p in parts[1:]:
         area = stats[p, cv2.CC_STAT_AREA] * cell_m2
         if area < 0.005 or above[label_of_point == p].max(initial=0) < 40.0:  # noise, a cable, a fold
@@ -215,7 +302,8 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
             raise SegmentationError(f"a second person-sized shape ({area:.2f} m²) is on the table")
         q = pts_s[sel]
         objects.append(DetectedObject(q.mean(0), np.ptp(q, axis=0), float(area)))
-        warnings.append(f"object of {area * 1e4:.0f} cm² beside the patient, not fitted")
+        warnings.append({"code": "OBJECT_BESIDE_PATIENT",
+                         "message": f"object of {area * 1e4:.0f} cm² beside the patient, not fitted"})
     body_pts = label_of_point == body
     # Half off the table: much of the patient lies over the footprint's lateral edge.
     bt = pts_t[body_pts]
@@ -246,4 +334,4 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),
                         float(support - sc.table_height_mm), hm_out,
                         (-FOOTPRINT_HALF_WIDTH_MM + CELL_MM / 2, y_lo + CELL_MM / 2), float(body_area), objects,
-                        warnings, on_table, hidden)
+                        warnings, on_table, hidden, tilt)

@@ -13,7 +13,7 @@ import torch
 from positioning.capture import read_capture, read_truth
 from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.perceive import keypoints_as_joints, perceive
-from positioning.segment import SegmentationError, outliers, segment_patient, veil_pixels
+from positioning.segment import SegmentationError, outliers, segment_patient, support_tilt, veil_pixels
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
 from sim.scene import load_config, sample_scene
@@ -111,8 +111,51 @@ def test_object_beside_the_patient_is_reported_not_fitted(body_model):
     bag = box([-240, y, table_top], [-180, y + 140, table_top + 110], "bag")
     cap, _ = simulate(p, body_model, extra_meshes=[bag])
     seg = segment_patient(cap)
-    assert len(seg.objects) == 1 and "object" in seg.warnings[0]
+    assert len(seg.objects) == 1 and seg.warnings[0]["code"] == "OBJECT_BESIDE_PATIENT"
     assert abs(seg.objects[0].centre[0] + 210) < 40 and seg.objects[0].area_m2 > 0.005
+
+
+def _table_points(along_deg, across_deg, covered=(-1800.0, -300.0), half_width=220.0, seed=0):
+    """(N, 3) mm, frame T: a mattress top 50 mm up, sloping as given, with 3 mm noise; a patient-sized block
+    (its top 160-260 mm over the mattress) lies over it where y_T is in ``covered``."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(-300.0, 300.0, 8.0), np.arange(-2200.0, 0.0, 8.0))
+    x, y = x.ravel(), y.ravel()
+    z = 50.0 + np.tan(np.radians(along_deg)) * (y + 1100.0) + np.tan(np.radians(across_deg)) * x
+    body = (np.abs(x) < half_width) & (y > covered[0]) & (y < covered[1])
+    z[body] += 160.0 + 100.0 * np.cos(x[body] / half_width * np.pi / 2)
+    return np.stack([x, y, z + rng.normal(0, 3.0, len(z))], 1)
+
+
+@pytest.mark.parametrize("along, across", [(0.0, 0.0), (1.0, 0.0), (-2.0, 0.5), (0.0, 2.0)])
+def test_the_supports_slope_is_measured_around_a_patient(along, across):
+    pts = _table_points(along, across)
+    got = support_tilt(pts, float(np.median(pts[:, 2])))
+    assert abs(got[0] - along) < 0.1 and abs(got[1] - across) < 0.3, got
+
+
+def test_a_support_hidden_almost_everywhere_has_no_slope():
+    pts = _table_points(2.0, 0.0, covered=(-2150.0, -50.0), half_width=310.0)  # from edge to edge
+    assert support_tilt(pts, 50.0) == (None, None)
+
+
+def _rotated_calibration(cap, along_deg):
+    """The capture as if its camera had turned by along_deg about S's x axis (through the camera) since calibration."""
+    m = np.array(cap.scene.camera_to_scanner, float)
+    c, s = np.cos(np.radians(along_deg)), np.sin(np.radians(along_deg))
+    m[:3, :3] = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ m[:3, :3]
+    return dataclasses.replace(cap, scene=dataclasses.replace(cap.scene, camera_to_scanner=m))
+
+
+def test_a_camera_turned_since_calibration_is_warned_then_refused(sim_cases):
+    cap = read_capture(sim_cases[0])
+    level = segment_patient(cap)
+    assert abs(level.support_tilt_deg[0]) < 0.5 and not level.warnings
+    warned = segment_patient(_rotated_calibration(cap, 1.5))
+    assert abs(warned.support_tilt_deg[0] - level.support_tilt_deg[0]) == pytest.approx(1.5, abs=0.2)
+    assert [w["code"] for w in warned.warnings] == ["CALIBRATION_SUSPECT"]
+    with pytest.raises(SegmentationError, match="the camera has moved since its calibration"):
+        segment_patient(_rotated_calibration(cap, 5.0))
 
 
 def test_empty_table_is_refused(body_model):

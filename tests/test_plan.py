@@ -320,6 +320,19 @@ def test_bad_captures_exit_nonzero_with_one_line(sim_cases, tmp_path, how, expec
     assert expect in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_a_camera_moved_since_calibration_exits_nonzero(sim_cases, tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(sim_cases[0], case)
+    scene = json.loads((case / "scene.json").read_text())
+    m = np.array(scene["camera_to_scanner"])
+    c, s = np.cos(np.radians(4.0)), np.sin(np.radians(4.0))  # turned 4 deg about S's x axis, through the camera
+    m[:3, :3] = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ m[:3, :3]
+    (case / "scene.json").write_text(json.dumps({**scene, "camera_to_scanner": m.tolist()}))
+    r = ctpos("plan", str(case), "--protocol", "chest", "--json")
+    assert r.returncode != 0 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert "the camera has moved since its calibration" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_empty_table_exits_nonzero(body_model, tmp_path):
     from positioning.capture import write_capture
     from sim.scene import load_config, sample_scene
