@@ -110,16 +110,17 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
     support_z_t: the support's height over the whole footprint (``support_height_t``). Each 100 mm slice across
     the table gives the height of its lowest surface within SLOPE_SEARCH_MM of support_z_t; the slices that
     agree with one line are the support's (elsewhere the patient or a blanket hides it), and a line through
-    them is the first guess of the slope along. OpenCV's Huber line fits over the points near the plane so far
+    them is the first guess of the support's plane. OpenCV's line fits over the points near the plane so far
     (60, 30, then 15 mm) refine both slopes. None where the support's points span too little of the table to
     measure a slope (LEVEL_SPAN_MM; a patient covering nearly all of the mattress); the slope across is only
     measured with the slope along.
     """
     import cv2
 
-    def slope(u: np.ndarray, z: np.ndarray) -> float:
-        vu, vz, _, _ = cv2.fitLine(np.stack([u, z], 1).astype(np.float32), cv2.DIST_L2, 0, 0.01, 0.01).ravel()
-        return float(vz / vu)
+    def line(u: np.ndarray, z: np.ndarray) -> tuple[float, float]:
+        """Slope and intercept of z over u: OpenCV's least-squares line."""
+        vu, vz, u0, z0 = cv2.fitLine(np.stack([u, z], 1).astype(np.float32), cv2.DIST_L2, 0, 0.01, 0.01).ravel()
+        return float(vz / vu), float(z0 - vz / vu * u0)
 
     q = points_t[np.abs(points_t[:, 2] - support_z_t) < SLOPE_SEARCH_MM].astype(np.float64)
     q = q[::max(1, len(q) // LEVEL_POINTS)]  # evenly over the image: plenty for two slopes, at any depth size
@@ -141,7 +142,7 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
     if len(profile) < 3:
         return None, None
     # Where a blanket or the patient hides the support, a slice's lowest surface is theirs: the line through two
-    # slices that most others agree with (within 10 mm) picks the support's slices; a Huber fit runs over those.
+    # slices that most others agree with (within 10 mm) picks the support's slices; a line is fitted over those.
     i, j = np.triu_indices(len(profile), 1)
     a, b = profile[i], profile[j]  # (pairs, 2) each: (y, z) of the two slices a line runs through
     rise = ((b[:, 1] - a[:, 1]) / (b[:, 0] - a[:, 0]))[:, None]
@@ -149,16 +150,16 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
     support_slices = profile[agree[int(np.argmax(agree.sum(1)))]]
     if np.ptp(support_slices[:, 0]) < LEVEL_SPAN_MM[0]:
         return None, None
-    along, across = slope(support_slices[:, 0], support_slices[:, 1]), 0.0
+    (along, height), across = line(support_slices[:, 0], support_slices[:, 1]), 0.0
     for band in (60.0, 30.0, 15.0):
-        r = q[:, 2] - along * q[:, 1] - across * q[:, 0]
-        q = q[np.abs(r - np.median(r[np.abs(r - np.median(r)) < band])) < band]
+        # Only the points near the plane so far: a patient covering most of the support is not allowed to pull it.
+        q = q[np.abs(q[:, 2] - height - along * q[:, 1] - across * q[:, 0]) < band]
         if len(q) < 100:
             return None, None
         # The two slopes are fitted in turn, each on the heights with the other taken out.
         for _ in range(2):
-            along = slope(q[:, 1], q[:, 2] - across * q[:, 0])
-            across = slope(q[:, 0], q[:, 2] - along * q[:, 1])
+            along, _ = line(q[:, 1], q[:, 2] - across * q[:, 0])
+            across, height = line(q[:, 0], q[:, 2] - along * q[:, 1])
     span_y, span_x = np.ptp(np.percentile(q[:, :2], [5, 95], axis=0), axis=0)[[1, 0]]
     if span_y < LEVEL_SPAN_MM[0]:
         return None, None  # a plane fitted over a short stretch of the table does not give its slope across either
