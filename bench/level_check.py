@@ -4,10 +4,10 @@ A camera bumped or re-aimed since its calibration turns the whole capture in S; 
 slope where it is level (positioning/segment.py, ``support_tilt``). For each scene this turns the capture's
 ``camera_to_scanner`` about S's x axis (a slope along the table) or y axis (across it), through the camera's
 centre, by each angle asked, and reports what segmentation makes of it: refused, warned (CALIBRATION_SUSPECT),
-or silent, and the slope it measured. With --plan, each capture that is not refused is also planned (chest, a
+or silent, and the slope it measured. Each capture that is not refused is also planned (chest, a
 1000 mm bore so that the bore does not refuse) and the plan compared with the truth: what a silent
 miscalibration does to the ISO height and to where the range lies (its middle against the lungs' middle).
-Run: .venv/bin/python bench/level_check.py [--n 100] [--plan] [--scene-config bench/scenes/noisy-camera.toml]
+Run: .venv/bin/python bench/level_check.py [--n 100] [--no-plan] [--scene-config bench/scenes/noisy-camera.toml]
      [--errors 0:0,1:0,3:0]  (along:across degrees)
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--errors", default=ERRORS, help="comma-separated along:across calibration errors, degrees")
-    ap.add_argument("--plan", action="store_true", help="also plan each capture that is not refused (chest)")
+    ap.add_argument("--no-plan", action="store_true", help="segmentation only: do not plan what is not refused")
     ap.add_argument("--seed0", type=int, default=SEED0, help="first scene seed (the tuning set is 50,000,000+)")
     ap.add_argument("--scene-config", type=Path, help="simulator TOML (e.g. bench/scenes/noisy-camera.toml)")
     ap.add_argument("--out", default="bench/out/level-check.json")
@@ -107,7 +107,7 @@ def main() -> None:
     errors = [tuple(float(v) for v in e.split(":")) for e in a.errors.split(",")]
     res = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
            "scene_config": str(a.scene_config or "defaults"),
-           "errors": run(a.n, errors, a.plan, a.seed0, a.scene_config)}
+           "errors": run(a.n, errors, not a.no_plan, a.seed0, a.scene_config)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))

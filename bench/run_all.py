@@ -13,7 +13,8 @@ LORES = str(HERE / "scenes" / "depth-424x240.toml")
 FLYING = str(HERE / "scenes" / "flying-pixels.toml")
 OUTLIERS = str(HERE / "scenes" / "outliers.toml")
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera,
-# other depth sizes, mixed edge pixels and outliers (docs/planning.md, docs/perception.md).
+# other depth sizes, mixed edge pixels and outliers (docs/planning.md, docs/perception.md); the level check's
+# false alarms and misses on those scenes.
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
@@ -33,7 +34,11 @@ EXTRA = [
                      "--out", "bench/out/planning-flying-chest.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", OUTLIERS,
                      "--out", "bench/out/planning-outliers-chest.json"]),
-]
+    ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
+                        "--out", "bench/out/level-check-noisy.json"]),
+] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),
+                         "--out", f"bench/out/level-check-{c}.json"])
+     for c in ("depth-424x240", "depth-1280x720", "flying-pixels", "outliers", "anny-bodies")]
 
 runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name != "run_all.py"] + EXTRA
 for name, args in runs:

@@ -267,7 +267,8 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
         reason = "the tabletop slopes " + " and ".join(f"{t:+.1f} deg {axis}" for t, axis in zip(tilt, ("along", "across"))
                                                       if t is not None) + " in the calibrated frame, where it is level"
         if any(t is not None and abs(t) >= r for t, r in zip(tilt, LEVEL_REFUSE_DEG)):
-            raise TableNotLevel(f"{reason}: the camera has moved since its calibration; calibrate it again")
+            raise TableNotLevel(f"{reason}: the camera may have moved since its calibration; run the daily check "
+                                f"(ctpos calibrate --check) or calibrate again")
         warnings.append({"code": "CALIBRATION_SUSPECT", "message": f"{reason}: check the camera's calibration"})
     above = pts_t[:, 2] - support
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
