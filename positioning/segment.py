@@ -3,7 +3,9 @@
 The depth is mapped to S through the calibration and to T through the table
 readings (CONVENTIONS.md). The support surface (mattress, or the bare tabletop) is
 found from the data — the dominant height just above z_T = 0 — so mattresses of
-any thickness, and captures made by other tools, are handled alike. Everything
+any thickness, and captures made by other tools, are handled alike. Its slope is
+checked first: the tabletop is level in S, so a support sloping in the calibrated
+frame means the camera moved since its calibration (``support_tilt``). Everything
 standing proud of it inside the tabletop's footprint is binned into a top-down
 height map (10 mm cells) and split into connected parts: the largest is the
 patient; other parts are reported as objects, or refused as a second person when
