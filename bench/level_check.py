@@ -71,8 +71,8 @@ def run(n: int, errors: list[tuple[float, float]], plan: bool, seed0: int, scene
                     mid = 0.5 * (pl.scan_range_scanner_mm["cranial"] + pl.scan_range_scanner_mm["caudal"])
                     row.update(iso_err=pl.table_height_mm - reg["ideal_table_height_mm"],
                                range_err=mid - 0.5 * (reg["cranial_y_mm"] + reg["caudal_y_mm"]))
-                except (PlanRefused, SegmentationError):
-                    pass
+                except (PlanRefused, SegmentationError) as exc:
+                    row["plan_refused"] = type(exc).__name__  # e.g. the table height out of reach
             rows[(along, across)].append(row)
     return {f"{a:+g} along, {b:+g} across": summary(r) for (a, b), r in rows.items()}
 
@@ -87,6 +87,7 @@ def summary(rows: list[dict]) -> dict:
         if s:
             out[f"measured_{name}_deg"] = {"median": float(np.median(s)), "abs_max": float(np.max(np.abs(s)))}
     planned = [r for r in rows if "iso_err" in r]
+    out["plan_refused"] = sum("plan_refused" in r for r in rows)
     if planned:
         out["planned"] = {"n": len(planned),
                           "iso_abs_err_median_mm": float(np.median(np.abs([r["iso_err"] for r in planned]))),
