@@ -169,6 +169,21 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
                                                  else None)
 
 
+def level_warnings(tilt: tuple[float | None, float | None]) -> list[dict[str, str]]:
+    """The warning for a support's slope (``support_tilt``'s along, across; degrees): none, CALIBRATION_SUSPECT
+    from LEVEL_WARN_DEG, or TableNotLevel raised from LEVEL_REFUSE_DEG."""
+    slopes = [(t, axis, warn, refuse) for t, axis, warn, refuse in zip(tilt, ("along", "across"), LEVEL_WARN_DEG,
+                                                                         LEVEL_REFUSE_DEG) if t is not None]
+    if not any(abs(t) >= warn for t, _, warn, _ in slopes):
+        return []
+    reason = (f"the tabletop slopes {' and '.join(f'{t:+.1f} deg {axis}' for t, axis, _, _ in slopes)} in the "
+              f"calibrated frame, where it is level")
+    if any(abs(t) >= refuse for t, _, _, refuse in slopes):
+        raise TableNotLevel(f"{reason}: the camera may have moved since its calibration; run the daily check "
+                            f"(ctpos calibrate --check) or calibrate again")
+    return [{"code": "CALIBRATION_SUSPECT", "message": f"{reason}: check the camera's calibration"}]
+
+
 def hidden_ends(points_s: np.ndarray, camera_s: np.ndarray, floor_z_s: float,
                 depth_mm: float = HIDDEN_DEPTH_MM) -> np.ndarray:
     """(M, 3) where the camera ray through each point (N, 3), mm, frame S, has come down depth_mm (or to floor_z_s).
@@ -260,18 +275,11 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     speck = speckle_pixels(depth)[rows, cols]
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
     in_foot = (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
-    warnings: list[dict[str, str]] = []
+    foot_t = pts_t[in_foot]
+    support = support_height_t(foot_t[:, 2])
     # Checked first: on a sloping support, everything judged by height above it would be wrong.
-    support = support_height_t(pts_t[in_foot, 2])
-    tilt = support_tilt(pts_t[in_foot], support)
-    off = [abs(t) / w for t, w in zip(tilt, LEVEL_WARN_DEG) if t is not None]
-    if max(off, default=0.0) >= 1.0:
-        reason = "the tabletop slopes " + " and ".join(f"{t:+.1f} deg {axis}" for t, axis in zip(tilt, ("along", "across"))
-                                                      if t is not None) + " in the calibrated frame, where it is level"
-        if any(t is not None and abs(t) >= r for t, r in zip(tilt, LEVEL_REFUSE_DEG)):
-            raise TableNotLevel(f"{reason}: the camera may have moved since its calibration; run the daily check "
-                                f"(ctpos calibrate --check) or calibrate again")
-        warnings.append({"code": "CALIBRATION_SUSPECT", "message": f"{reason}: check the camera's calibration"})
+    tilt = support_tilt(foot_t, support)
+    warnings = level_warnings(tilt)
     above = pts_t[:, 2] - support
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
 

@@ -13,7 +13,8 @@ import torch
 from positioning.capture import read_capture, read_truth
 from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.perceive import keypoints_as_joints, perceive
-from positioning.segment import SegmentationError, outliers, segment_patient, support_tilt, veil_pixels
+from positioning.segment import (SegmentationError, TableNotLevel, level_warnings, outliers, segment_patient,
+                                 support_tilt, veil_pixels)
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
 from sim.scene import load_config, sample_scene
@@ -137,6 +138,15 @@ def test_the_supports_slope_is_measured_around_a_patient(along, across):
 def test_a_support_hidden_almost_everywhere_has_no_slope():
     pts = _table_points(2.0, 0.0, covered=(-2150.0, -50.0), half_width=310.0)  # from edge to edge
     assert support_tilt(pts, 50.0) == (None, None)
+
+
+def test_a_slope_along_warns_then_refuses_and_one_across_only_warns():
+    assert level_warnings((0.9, 2.9)) == [] and level_warnings((None, None)) == []
+    assert [w["code"] for w in level_warnings((1.2, None))] == ["CALIBRATION_SUSPECT"]
+    across = level_warnings((0.2, -8.0))
+    assert [w["code"] for w in across] == ["CALIBRATION_SUSPECT"] and "-8.0 deg across" in across[0]["message"]
+    with pytest.raises(TableNotLevel, match=r"\+3\.2 deg along"):
+        level_warnings((3.2, None))
 
 
 def _rotated_calibration(cap, along_deg):
