@@ -31,6 +31,7 @@ HIDDEN_DEPTH_MM = 40.0
 MIN_PATIENT_AREA_M2 = 0.12
 PERSON_AREA_M2 = 0.25  # a second part this large is a second person
 GANTRY_Y_S_MM = -500.0  # nearer the isocenter than this is the gantry's face or the bore
+STANDING_BESIDE_MM = 400.0  # beyond the footprint's side: where a person standing at the table is looked for
 # A pixel this fraction of its depth behind the nearest and in front of the farthest depth around it (5 x 5) lies
 # between two surfaces: a real surface would have to be seen more than 81 degrees off its normal (60 mm over two
 # 4.7 mm pixels, at 2 m and 848 px wide; 73 degrees at 424 px wide), where stereo barely measures.
@@ -272,9 +273,13 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     depth[veil_pixels(depth)] = 0.0
     sc = capture.scene
     rows, cols, pts_s = valid_depth_to_scanner(depth, capture.camera, sc.camera_to_scanner)
+    # Only what lies over or beside the table, short of the gantry, is judged below (x_T = x_S): most of a
+    # ceiling camera's pixels are floor, and every pass over them costs (a third of segmentation at 1280x720).
+    near_table = (np.abs(pts_s[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + STANDING_BESIDE_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+    rows, cols, pts_s = rows[near_table], cols[near_table], pts_s[near_table]
     speck = speckle_pixels(depth)[rows, cols]
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
-    in_foot = (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+    in_foot = np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM
     foot_t = pts_t[in_foot]
     support = support_height_t(foot_t[:, 2])
     # Checked first: on a sloping support, everything judged by height above it would be wrong.
@@ -324,14 +329,13 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
         raise SegmentationError(f"the patient lies over the table's edge ({over.mean() * 100:.0f} % of the "
                                 f"body surface at the edge)")
     # Someone standing at the table: surfaces well above any lying body, beside or over it.
-    tall = (above > MAX_BODY_HEIGHT_MM) & (above < 1500) & (pts_s[:, 1] < GANTRY_Y_S_MM) & \
-           (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 400)
+    tall = (above > MAX_BODY_HEIGHT_MM) & (above < 1500)
     if tall.sum() > 800:  # a head seen from above is ~1,500 points at 1 m
         raise SegmentationError("a person is standing at the table")
     # Off the table: body points outside the footprint at body height (an arm or leg
     # hanging off). Checked after the standing person, whose body is outside too.
     outside = (~in_foot) & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM) & \
-              (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 250) & (pts_s[:, 1] < GANTRY_Y_S_MM)
+              (np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + 250)
     if outside.sum() > 0.25 * body_pts.sum():
         raise SegmentationError("the patient lies partly off the table")
     hm[labels != body] = -np.inf
