@@ -32,8 +32,10 @@ TOP_BAND_MM, BAND_XY_MM, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 10.0, 20, 0.35
 # top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
 # forearm's line continued by a hand's length), are left out of the slab's front.
 FOREARM_RADIUS_MM, HAND_LENGTH_MM = 60.0, 200.0
-# A fitted back this close (mm) to the mattress top rests on it.
-BACK_CONTACT_MM = 15.0
+# A fitted back within the first distance (mm) of the mattress top rests on it, beyond the second it stands clear;
+# in between the underside rises from the mattress to the fitted back in proportion, so that a millimetre's change
+# of the fit cannot move the table by half the gap (a single threshold did: 8 mm, docs/planning.md).
+BACK_CONTACT_MM = (10.0, 20.0)
 # A measured point belongs to the trunk's front when it lies this close to the fitted trunk.
 TRUNK_SURFACE_MM = 30.0
 LEVELS = ("lung_apex", "lung_base", "diaphragm_dome", "iliac_crest", "symphysis", "vertex", "skull_base", "soles")
@@ -280,7 +282,9 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     ``near_forearms``). The camera cannot see the underside. Supine, it is the
     fitted trunk's back where that stands clear of the mattress (the hollow of the
     lower back), and the mattress top where the fitted back comes within
-    BACK_CONTACT_MM of it (the back rests there; mattress and soft tissue give).
+    BACK_CONTACT_MM[0] of it (the back rests there; mattress and soft tissue give);
+    between the two distances, the fitted back's height above the mattress scaled
+    from 0 to 1 (continuous in the fit).
     Prone, the front bears the weight: chest, belly and pelvis lie on the mattress,
     so the bottom is the mattress top (a fitted front is not trusted to float above
     it; docs/planning.md). Without enough measured
@@ -294,7 +298,10 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
         return None
     mesh_top = float(s[:, 2].max())
     back = float(s[:, 2].min())
-    bottom = support_z_mm if prone or back - support_z_mm < BACK_CONTACT_MM else back
+    rests, clear = BACK_CONTACT_MM
+    gap = back - support_z_mm
+    lift = max(gap, 0.0) * float(np.clip((gap - rests) / (clear - rests), 0.0, 1.0))
+    bottom = support_z_mm if prone else support_z_mm + lift
     x_c, lat = 0.5 * float(s[:, 0].max() + s[:, 0].min()), float(s[:, 0].max() - s[:, 0].min())
     near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)
     cand = observed_points[(np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM)

@@ -93,10 +93,11 @@ def test_chest_plan_geometry(body_model, position):
     # The ISO height brings the chest's AP middle to z = 0 (the measured front is the mesh's
     # highest vertex moved by the median height of the seen surface over the mesh's top band;
     # the underside is the fitted back, or the mattress top when prone or when the back
-    # comes within 15 mm of it).
+    # comes within 10 mm of it, rising from one to the other up to 20 mm).
     yc = np.mean(list(p.scan_range_scanner_mm.values()))
     s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23])]
-    bottom = -190.0 if position.endswith("P") or s[:, 2].min() < -190.0 + 15.0 else s[:, 2].min()
+    gap = s[:, 2].min() + 190.0
+    bottom = -190.0 + (0.0 if position.endswith("P") else max(gap, 0) * np.clip((gap - 10) / 10, 0, 1))
     assert 0.5 * (s[:, 2].max() + bottom) + (250.0 - p.table_height_mm) == pytest.approx(0.0, abs=2.0)
     assert 150 < p.body_thickness_mm < 340 and 0.8 < p.ssde_conversion_factor < 2.5  # (prone: up to the mattress)
     assert p.bore_clearance_mm > 20 and set(p.to_json()) >= REQUIRED
@@ -222,6 +223,23 @@ def test_iso_bottom_never_below_the_mattress(body_model):
     sunk = make_plan(chest, v - [0.0, 0.0, 10.0], j, lv, dom, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)
     # A fit 10 mm into the mattress: its back is cut at the mattress top, the ISO height stays.
     assert sunk.table_height_mm == pytest.approx(base.table_height_mm, abs=0.5)
+
+
+def test_underside_rises_from_the_mattress_to_the_fitted_back_without_a_step(body_model):
+    """The fitted back 0-30 mm over the mattress: the mattress up to 10 mm, the back from 20 mm, and no jump
+    between (a single threshold moved the table by half the gap when the fit crossed it)."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    yc = np.mean(list(make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+                      .scan_range_scanner_mm.values()))
+    back = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23]), 2].min()
+    gaps = np.arange(0.0, 30.01, 0.5)
+    h = np.array([make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, back - g, 250.0, -1000.0).table_height_mm
+                  for g in gaps])
+    on_mattress, clear = gaps <= 10.0, gaps >= 20.0
+    assert np.allclose(h[on_mattress], h[0] - gaps[on_mattress] / 2, atol=0.01)  # bottom = the mattress top
+    assert np.allclose(h[clear], h[-1], atol=0.01)  # bottom = the fitted back
+    assert np.abs(np.diff(h)).max() <= 0.5 + 1e-6  # at most a millimetre per millimetre of gap
 
 
 def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
