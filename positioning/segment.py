@@ -112,8 +112,8 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
     points_t: (N, 3) mm, frame T: what the camera sees over the tabletop's footprint (support, patient, objects);
     support_z_t: the support's height over the whole footprint (``support_height_t``). Each 100 mm slice across
     the table gives the height of its lowest surface within SLOPE_SEARCH_MM of support_z_t; the slices that
-    agree with one line are the support's (elsewhere the patient or a blanket hides it), and a line through
-    them is the first guess of the support's plane. OpenCV's line fits over the points near the plane so far
+    agree with one line, less those whose lowest surface lies below it, are the support's (elsewhere the patient
+    or a blanket hides it), and a line through them is the first guess of the support's plane. OpenCV's line fits over the points near the plane so far
     (60, 30, then 15 mm) refine both slopes. None where the support's points span too little of the table to
     measure a slope (LEVEL_SPAN_MM; a patient covering nearly all of the mattress); the slope across is only
     measured with the slope along.
@@ -146,11 +146,15 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
         return None, None
     # Where a blanket or the patient hides the support, a slice's lowest surface is theirs: the line through two
     # slices that most others agree with (within 10 mm) picks the support's slices; a line is fitted over those.
+    # The support carries everything on it: a line with a slice's lowest surface more than 10 mm below it floats
+    # over something seen, so such slices count against it (a line along a blanket's slope would otherwise tie
+    # with the mattress's).
     i, j = np.triu_indices(len(profile), 1)
     a, b = profile[i], profile[j]  # (pairs, 2) each: (y, z) of the two slices a line runs through
     rise = ((b[:, 1] - a[:, 1]) / (b[:, 0] - a[:, 0]))[:, None]
-    agree = np.abs(profile[None, :, 1] - a[:, 1:] - rise * (profile[None, :, 0] - a[:, :1])) < 10.0  # (pairs, slices)
-    support_slices = profile[agree[int(np.argmax(agree.sum(1)))]]
+    above = profile[None, :, 1] - a[:, 1:] - rise * (profile[None, :, 0] - a[:, :1])  # (pairs, slices), mm
+    agree = np.abs(above) < 10.0
+    support_slices = profile[agree[int(np.argmax(agree.sum(1) - (above < -10.0).sum(1)))]]
     if np.ptp(support_slices[:, 0]) < LEVEL_SPAN_MM[0]:
         return None, None
     (along, height), across = line(support_slices[:, 0], support_slices[:, 1]), 0.0

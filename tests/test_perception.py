@@ -135,6 +135,19 @@ def test_the_supports_slope_is_measured_around_a_patient(along, across):
     assert abs(got[0] - along) < 0.1 and abs(got[1] - across) < 0.3, got
 
 
+def test_a_line_floating_over_the_mattress_is_not_the_support():
+    """A blanket's slope seen in as many slices as the level mattress: the sloping line would leave the
+    mattress 80-140 mm below it, so the mattress's line is the support (a tie went to the slope before)."""
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.arange(-230.0, 231.0, 8.0), np.arange(-2200.0, -150.0, 8.0))
+    x, y = x.ravel(), y.ravel()
+    blanket, mattress = y < -1200.0, y > -1050.0  # nothing seen between (the patient, taller than the search)
+    z = np.where(blanket, 130.0 + np.tan(np.radians(3.5)) * (y + 2200.0), 50.0)
+    pts = np.stack([x, y, z + rng.normal(0, 1.0, len(z))], 1)[blanket | mattress]
+    along, _ = support_tilt(pts, 50.0)
+    assert abs(along) < 0.5
+
+
 def test_a_support_hidden_almost_everywhere_has_no_slope():
     pts = _table_points(2.0, 0.0, covered=(-2150.0, -50.0), half_width=310.0)  # from edge to edge
     assert support_tilt(pts, 50.0) == (None, None)
