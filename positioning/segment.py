@@ -113,10 +113,10 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
     support_z_t: the support's height over the whole footprint (``support_height_t``). Each 100 mm slice across
     the table gives the height of its lowest surface within SLOPE_SEARCH_MM of support_z_t; the slices that
     agree with one line, less those whose lowest surface lies below it, are the support's (elsewhere the patient
-    or a blanket hides it), and a line through them is the first guess of the support's plane. OpenCV's line fits over the points near the plane so far
-    (60, 30, then 15 mm) refine both slopes. None where the support's points span too little of the table to
-    measure a slope (LEVEL_SPAN_MM; a patient covering nearly all of the mattress); the slope across is only
-    measured with the slope along.
+    or a blanket hides it), and a line through them is the first guess of the support's plane. OpenCV's line
+    fits over the points near the plane so far (60, 30, then 15 mm) refine both slopes. None where the support's
+    points span too little of the table to measure a slope (LEVEL_SPAN_MM; a patient covering nearly all of the
+    mattress); the slope across is only measured with the slope along.
     """
     import cv2
 
