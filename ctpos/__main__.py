@@ -1,4 +1,4 @@
 """``python -m ctpos``: the same as the ``ctpos`` console command."""
-from ctpos.cli import main
+from ctpos.cli import run
 
-raise SystemExit(main())
+run()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from typing import NoReturn
 
 # subcommand -> "module:function" that registers it (function(subparsers) -> None)
 SUBCOMMANDS = {
@@ -24,6 +26,10 @@ SUBCOMMANDS = {
     "bridge": "scanner_bridge.cli:register_bridge",
     "demo": "sim.demo:register",
 }
+# Commands that only read captures and print: once their output is flushed the process ends with os._exit,
+# skipping the interpreter's teardown of torch and scipy (about 0.45 s of a 2.1 s `ctpos plan` here). By then
+# they hold no open files, sockets or child processes, and they register no exit handlers.
+FAST_EXIT = frozenset({"plan", "eval"})
 
 
 class UserError(Exception):
@@ -36,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen subcommand's module is imported; the others get a stub entry for --help.
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = _chosen(argv)
     for name, spec in SUBCOMMANDS.items():
         if name == chosen:
             module, func = spec.split(":")
@@ -59,3 +65,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ctpos {args.command}: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named in argv (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def run() -> NoReturn:
+    """The console command: ``main`` on sys.argv, then exit; FAST_EXIT commands skip the interpreter's teardown."""
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if _chosen(argv) in FAST_EXIT:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a reader that went away: nothing more can reach it
+                pass
+        os._exit(rc)
+    sys.exit(rc)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -312,6 +313,18 @@ def test_ctpos_plan_prints_the_conventions_json(sim_cases):
               "knee_right", "ankle_left", "ankle_right"):
         assert len(plan["landmarks_scanner_mm"][k]) == 3
     assert all({"code", "message"} <= set(w) for w in plan["warnings"])
+
+
+def test_ctpos_plan_output_survives_the_fast_exit(sim_cases, tmp_path):
+    """`ctpos plan` ends without the interpreter's teardown: its JSON must still reach a file (block-buffered,
+    unlike a terminal) whole."""
+    out = tmp_path / "plan.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a site's shell has it
+    with out.open("w") as f:
+        r = subprocess.run([sys.executable, "-m", "ctpos", "plan", str(sim_cases[0]), "--protocol", "chest", "--json"],
+                           stdout=f, stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert REQUIRED <= set(json.loads(out.read_text()))
 
 
 def _broken(sim_cases, tmp_path, how):
