@@ -7,6 +7,7 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -79,9 +80,7 @@ def run() -> NoReturn:
     if _chosen(argv) in FAST_EXIT:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError):  # a reader that went away: nothing more can reach it
                 stream.flush()
-            except OSError:  # a reader that went away: nothing more can reach it
-                pass
         os._exit(rc)
     sys.exit(rc)
