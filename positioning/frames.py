@@ -37,8 +37,8 @@ def valid_depth_to_scanner(depth_mm: np.ndarray, cam: CameraIntrinsics,
 
     Returns rows (N,), cols (N,) and points (N, 3) float32, mm, frame S. Only the valid
     pixels and in float32 (float32 keeps 0.001 mm at the room's distances), the rigid
-    transform by OpenCV: at 1280x720 a full-image float64 pass costs several ms each
-    (``depth_to_points`` then ``transform``: 46 ms against 8 ms here).
+    transform by OpenCV: at 1280x720 ``depth_to_points`` then ``transform`` over the
+    full image in float64 take 13 ms, this 7 ms (fastest of 10, 2026-11-28).
     """
     import cv2
 

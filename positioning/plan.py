@@ -300,7 +300,7 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     back = float(s[:, 2].min())
     rests, clear = BACK_CONTACT_MM
     gap = back - support_z_mm
-    lift = max(gap, 0.0) * float(np.clip((gap - rests) / (clear - rests), 0.0, 1.0))
+    lift = gap * float(np.clip((gap - rests) / (clear - rests), 0.0, 1.0))  # 0 below rests, gap from clear
     bottom = support_z_mm if prone else support_z_mm + lift
     x_c, lat = 0.5 * float(s[:, 0].max() + s[:, 0].min()), float(s[:, 0].max() - s[:, 0].min())
     near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)

@@ -278,7 +278,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     sc = capture.scene
     rows, cols, pts_s = valid_depth_to_scanner(depth, capture.camera, sc.camera_to_scanner)
     # Only what lies over or beside the table, short of the gantry, is judged below (x_T = x_S): most of a
-    # ceiling camera's pixels are floor, and every pass over them costs (a third of segmentation at 1280x720).
+    # ceiling camera's pixels are floor, and every pass over them costs (about a fifth of segmentation at 1280x720).
     near_table = (np.abs(pts_s[:, 0]) < FOOTPRINT_HALF_WIDTH_MM + STANDING_BESIDE_MM) & (pts_s[:, 1] < GANTRY_Y_S_MM)
     rows, cols, pts_s = rows[near_table], cols[near_table], pts_s[near_table]
     speck = speckle_pixels(depth)[rows, cols]
