@@ -95,7 +95,6 @@ def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str
     return positions, arms
 
 
-@one_torch_thread()
 def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None, warm: Perception | None = None,
              use_keypoints: bool = True, colour: bool = False) -> Perception:
     """Segment, detect keypoints (unless use_keypoints is False), fit. Raises SegmentationError on a bad scene.
@@ -126,10 +125,11 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
     if warm is not None and warm.patient_position not in positions:
         log.info("the patient lies %s now, not %s: fitted afresh", "/".join(positions), warm.patient_position)
         warm = None
-    res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions, arms=arms,
-                   iterations=WARM_ITERATIONS if warm is not None else FIT_ITERATIONS,
-                   warm=warm.fit if warm is not None else None,
-                   converge_after=CONVERGE_AFTER if warm is None and kp is not None else None)
+    with one_torch_thread():
+        res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions, arms=arms,
+                       iterations=WARM_ITERATIONS if warm is not None else FIT_ITERATIONS,
+                       warm=warm.fit if warm is not None else None,
+                       converge_after=CONVERGE_AFTER if warm is None and kp is not None else None)
     timing.update(res.timing_ms)
     jc = np.full(NUM_JOINTS, 0.5) if conf24 is None else np.where(conf24 > 0, conf24, 0.5)
     pos_conf = float(np.clip(res.position_margin, 0.0, 1.0))

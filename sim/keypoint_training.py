@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, KeypointNet, decode_heatmaps, position_from_sides,
-                                   side_to_anatomy, window_input)
+from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y, KeypointNet, decode_heatmaps,
+                                   position_from_sides, predict, side_to_anatomy, window_input)
 from positioning.skeleton import JOINT_INDEX
 
 log = logging.getLogger("ctpos.train_keypoints")
@@ -85,17 +85,19 @@ def side_labels(cells: np.ndarray, heights: np.ndarray, positions: np.ndarray) -
 def _augment(x, cells, heights, rng):
     """A half turn (rows and columns reversed) and/or a mirror across the table (columns reversed).
 
-    Either puts each limb on the other side, so the side-named pairs swap; supine/prone is unchanged."""
+    Either puts each limb on the other side, so the side-named pairs swap; supine/prone is unchanged.
+    Cell coordinates count from the first cell's centre, so reversing n cells maps c to n - 1 - c.
+    (The committed v2 weights were trained with n - c: labels half a cell off on average; docs/perception.md.)"""
     x, cells, heights = x.clone(), cells.clone(), heights.clone()
     for b in range(x.shape[0]):
         if rng.uniform() < 0.5:
             x[b] = torch.flip(x[b], (1, 2))
-            cells[b, :, 0] = 256 - cells[b, :, 0]
-            cells[b, :, 1] = 64 - cells[b, :, 1]
+            cells[b, :, 0] = WIN_Y - 1 - cells[b, :, 0]
+            cells[b, :, 1] = WIN_X - 1 - cells[b, :, 1]
             cells[b], heights[b] = cells[b, list(FLIP)], heights[b, list(FLIP)]
         if rng.uniform() < 0.5:
             x[b] = torch.flip(x[b], (2,))
-            cells[b, :, 1] = 64 - cells[b, :, 1]
+            cells[b, :, 1] = WIN_X - 1 - cells[b, :, 1]
             cells[b], heights[b] = cells[b, list(FLIP)], heights[b, list(FLIP)]
     return x, cells, heights
 
@@ -106,7 +108,7 @@ def evaluate(net: KeypointNet, data: dict) -> dict:
     with torch.no_grad():
         for b in range(0, len(data["x"]), 64):
             x = torch.as_tensor(data["x"][b:b + 64].astype(np.float32))
-            heat, height, prone = net(x)
+            heat, height, prone = predict(net, x)
             k = {n: i for i, n in enumerate(KEYPOINTS)}
             for n in range(len(x)):
                 cells, hts, _ = decode_heatmaps(heat[n], height[n])

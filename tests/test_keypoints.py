@@ -7,7 +7,7 @@ import torch
 
 from positioning.capture import read_capture, read_truth
 from positioning.keypoints import (FLIP, KEYPOINTS, detect_keypoints, load_keypoint_net, position_from_sides,
-                                   side_to_anatomy, window_input)
+                                   predict, side_to_anatomy, window_input)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.segment import segment_patient
 from sim.keypoint_training import _augment, side_labels
@@ -67,6 +67,36 @@ def test_augmentations_keep_the_side_labels(body_model):
         assert c[k["left_shoulder"], 1] > c[k["right_shoulder"], 1] and c[k["left_knee"], 1] > c[k["right_knee"], 1]
         turned.add(bool(c[k["head"], 0] < c[k["pelvis"], 0]))
     assert turned == {True, False}
+
+
+def test_augmented_labels_stay_on_their_cells():
+    """A flipped window's labels point at the cells their keypoints' content moved to."""
+    rng = np.random.default_rng(1)
+    cells = np.column_stack([rng.integers(0, 256, len(KEYPOINTS)), rng.integers(0, 64, len(KEYPOINTS))])
+    x = torch.zeros(1, 2, 256, 64)
+    marks = torch.arange(1, len(KEYPOINTS) + 1, dtype=torch.float32) / 100.0
+    x[0, 0, cells[:, 0], cells[:, 1]] = marks
+    seen = set()
+    for _ in range(20):  # heights travel with their labels: here they carry each keypoint's mark
+        xa, c, h = _augment(x, torch.as_tensor(cells[None], dtype=torch.float32), marks[None].clone(), rng)
+        ij = c[0].round().long()
+        assert torch.equal(xa[0, 0, ij[:, 0], ij[:, 1]], h[0])
+        seen.add(tuple(c[0, 0].tolist()))
+    assert len(seen) == 4  # all four flips drawn
+
+
+@pytest.mark.parametrize("flip_dims", [(3,), (2, 3), (2,)])
+def test_flip_averaged_prediction_follows_a_flipped_window(sim_cases, keypoint_net, flip_dims):
+    """predict() of a flipped window is predict() of the window flipped the same way (sides swapped when
+    mirrored across): the mean runs over the same four flips, each turned back correctly."""
+    x, _ = window_input(segment_patient(read_capture(sim_cases[0])))
+    x = torch.as_tensor(x)[None]
+    heat, height, prone = predict(keypoint_net, x)
+    heat_f, height_f, prone_f = predict(keypoint_net, x.flip(flip_dims))
+    swap = list(FLIP) if 3 in flip_dims else list(range(len(KEYPOINTS)))
+    assert torch.allclose(heat_f, heat.flip(flip_dims)[:, swap], atol=1e-4)
+    assert torch.allclose(height_f, height.flip(flip_dims)[:, swap], atol=1e-5)
+    assert torch.allclose(prone_f, prone, atol=1e-5)
 
 
 def test_window_is_centred_on_the_patient(sim_cases):
