@@ -111,7 +111,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
                             "iso_abs_err_mm_p95": float(np.percentile(np.abs([r["warm_iso_err"] for r in w]), 95))},
             "thickness_err_mm": {"median": float(np.median([r["thick_err"] for r in rows])),
                                  "abs_p95": float(np.percentile(np.abs([r["thick_err"] for r in rows]), 95))},
-            "margin_free_end_errors": free,
+            "margin_free_end_errors": free, "rows": rows,
             "iso_signed_median_by_group": {k: [len(v), float(np.median(v))] for k, v in sorted(by.items())},
             "by_stature": {k: _band_summary(stature[k], refused_by_stature[k])
                            for k in sorted(set(stature) | set(refused_by_stature))}}
@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--seed0", type=int, default=SEED0, help="first scene seed (the tuning set is 50,000,000+)")
     ap.add_argument("--scene-config", type=Path,
                     help="simulator TOML for the accuracy captures (e.g. bench/scenes/anny-bodies.toml)")
-    ap.add_argument("--out", default="bench/out/planning.json")
+    ap.add_argument("--out", default="bench/out/planning.json", help="the figures; per-capture rows go beside it")
     ap.add_argument("--plot", type=Path, help="write the margin plot here (PNG)")
     a = ap.parse_args()
     model, net = load_body_model(), load_keypoint_net()
@@ -259,6 +259,9 @@ def main() -> None:
     if a.n:
         acc = accuracy(model, net, a.n, a.protocol, a.seed0, a.scene_config)
         curve = margin_curve(acc.pop("margin_free_end_errors"))
+        rows = acc.pop("rows", [])  # per capture, for paired comparisons between runs: beside --out
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).with_suffix(".rows.json").write_text(json.dumps(rows) + "\n")
         if a.plot:
             plot_margins(curve, a.protocol, a.plot)
         res.update(accuracy=acc, margin_curve=curve[::5])

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y, KeypointNet, decode_heatmaps,
-                                   position_from_sides, predict, side_to_anatomy, window_input)
+                                   load_keypoint_net, position_from_sides, predict, side_to_anatomy,
+                                   window_input)
 from positioning.skeleton import JOINT_INDEX
 
 log = logging.getLogger("ctpos.train_keypoints")
@@ -180,15 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--report", type=Path, default=Path("docs/keypoints-report.json"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--evaluate", action="store_true",
+                    help="no training: evaluate the weights in --out on the test captures (as detect_keypoints runs them)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.data.mkdir(parents=True, exist_ok=True)
     tr, te = args.data / f"train-{args.train}.npz", args.data / f"test-{args.test}.npz"
-    if not tr.exists():
+    if not tr.exists() and not args.evaluate:
         generate([TRAIN_SEED0 + i for i in range(args.train)], tr, args.workers)
     if not te.exists():
         generate([TEST_SEED0 + i for i in range(args.test)], te, args.workers)
-    report = train(tr, te, args.out, args.epochs)
+    if args.evaluate:
+        trained = torch.load(args.out, map_location="cpu", weights_only=True)["report"]
+        report = {**{k: trained[k] for k in ("train_samples", "epochs", "train_seconds", "parameters") if k in trained},
+                  **evaluate(load_keypoint_net(args.out), dict(np.load(te)))}
+    else:
+        report = train(tr, te, args.out, args.epochs)
     args.report.write_text(json.dumps(report, indent=1) + "\n")
     log.info("%s", json.dumps(report, indent=1))
     return 0
