@@ -178,7 +178,7 @@ def predict(net: KeypointNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     mirrors across the table) before the mean. The network was trained on all four flips, so each is as
     likely an input as the window itself; the mean of the four is steadier than any one and cancels whatever
     a single pass gets wrong in a direction a flip reverses (docs/perception.md: the committed weights'
-    5 mm shift across the table from a training label half a cell off).
+    5 mm shift across the table, learnt from flipped training windows whose labels lay a cell off).
     """
     b = x.shape[0]
     dims = [[d for d, f in ((2, r), (3, c)) if f] for r, c in FLIPS]

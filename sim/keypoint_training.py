@@ -88,7 +88,7 @@ def _augment(x, cells, heights, rng):
 
     Either puts each limb on the other side, so the side-named pairs swap; supine/prone is unchanged.
     Cell coordinates count from the first cell's centre, so reversing n cells maps c to n - 1 - c.
-    (The committed v2 weights were trained with n - c: labels half a cell off on average; docs/perception.md.)"""
+    (The committed v2 weights were trained with n - c: a flipped window's labels a cell off; docs/perception.md.)"""
     x, cells, heights = x.clone(), cells.clone(), heights.clone()
     for b in range(x.shape[0]):
         if rng.uniform() < 0.5:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=Path("docs/keypoints-report.json"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--evaluate", action="store_true",
-                    help="no training: evaluate the weights in --out on the test captures (as detect_keypoints runs them)")
+                    help="no training: evaluate the weights in --out on the test captures, as detect_keypoints runs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.data.mkdir(parents=True, exist_ok=True)
