@@ -15,7 +15,7 @@ patient's left needs the whole body (head direction and supine/prone), so the
 network answers that once, globally, and ``detect_keypoints`` turns sides into
 anatomy (``side_to_anatomy``). (v1 predicted anatomical labels directly and swapped
 limbs whose neighbourhood could not show which way the body pointed.)
-Weights: positioning/data/keypoints_v2.pt, trained by ``python -m sim.keypoint_training``.
+Weights: positioning/data/keypoints_v3.pt, trained by ``python -m sim.keypoint_training``.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ HEIGHT_SCALE_MM = 300.0
 # The flips of a window the network was trained on (sim/keypoint_training.py), as (rows reversed, columns
 # reversed): as it is, mirrored across the table, turned end to end, and mirrored along it.
 FLIPS = ((False, False), (False, True), (True, True), (True, False))
-WEIGHTS = Path(__file__).parent / "data" / "keypoints_v2.pt"
+WEIGHTS = Path(__file__).parent / "data" / "keypoints_v3.pt"
 # Patient positions that put the patient's left on the +x side of the table.
 LEFT_AT_PLUS_X = {"HFS": True, "FFP": True, "FFS": False, "HFP": False}
 
@@ -177,8 +177,8 @@ def predict(net: KeypointNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     side-named like the network's. Each flipped pass is flipped back (and its sides swapped where the flip
     mirrors across the table) before the mean. The network was trained on all four flips, so each is as
     likely an input as the window itself; the mean of the four is steadier than any one and cancels whatever
-    a single pass gets wrong in a direction a flip reverses (docs/perception.md: the committed weights'
-    5 mm shift across the table, learnt from flipped training windows whose labels lay a cell off).
+    a single pass gets wrong in a direction a flip reverses (docs/perception.md: v2's 5 mm shift across
+    the table, learnt from flipped training windows whose labels lay a cell off).
     """
     b = x.shape[0]
     dims = [[d for d, f in ((2, r), (3, c)) if f] for r, c in FLIPS]

@@ -88,7 +88,7 @@ def _augment(x, cells, heights, rng):
 
     Either puts each limb on the other side, so the side-named pairs swap; supine/prone is unchanged.
     Cell coordinates count from the first cell's centre, so reversing n cells maps c to n - 1 - c.
-    (The committed v2 weights were trained with n - c: a flipped window's labels a cell off; docs/perception.md.)"""
+    (v2's weights were trained with n - c: a flipped window's labels a cell off; docs/perception.md.)"""
     x, cells, heights = x.clone(), cells.clone(), heights.clone()
     for b in range(x.shape[0]):
         if rng.uniform() < 0.5:
