@@ -91,8 +91,8 @@ def one_torch_thread() -> Iterator[None]:
     The fit's tensors are small: splitting each op over two cores costs more than it
     gains (measured: perception about 6 % faster on one thread) and leaves the other
     core to the rest of the caller's process (a camera, a display). The keypoint
-    network's convolutions are not small; they run on the caller's threads (four
-    flipped windows: about 27 ms on two threads, 42 ms on one, here).
+    network's convolutions are not small; they run on the caller's threads (its
+    four flipped windows: about 30 ms of a plan on this machine's two).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
