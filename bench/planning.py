@@ -254,13 +254,13 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write the margin plot here (PNG)")
     a = ap.parse_args()
     model, net = load_body_model(), load_keypoint_net()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     res = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
            "protocol": a.protocol, "scene_config": str(a.scene_config or "defaults")}
     if a.n:
         acc = accuracy(model, net, a.n, a.protocol, a.seed0, a.scene_config)
         curve = margin_curve(acc.pop("margin_free_end_errors"))
         rows = acc.pop("rows", [])  # per capture, for paired comparisons between runs: beside --out
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).with_suffix(".rows.json").write_text(json.dumps(rows) + "\n")
         if a.plot:
             plot_margins(curve, a.protocol, a.plot)
@@ -269,7 +269,6 @@ def main() -> None:
         res["three_table_positions"] = consistency(model, net, a.k, a.protocol)
     if a.runs:
         res["fresh_process"] = fresh_process(a.protocol, a.runs)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
