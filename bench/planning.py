@@ -79,7 +79,8 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
                      "over_cr": (pr["cranial"] - reg["cranial_y_mm"]) * hd,
                      "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"],
                      "clipped": any(w["code"] == "RANGE_CLIPPED" for w in plan.warnings),
-                     "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"], **warm})
+                     "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"],
+                     "true_clearance_mm": clear, **warm})
     if not rows:
         return {"n": n, "planned": 0, "refused": dict(refused), "bore_check_vs_truth": dict(bore),
                 "margin_free_end_errors": []}
