@@ -26,11 +26,8 @@ SLAB_HALF_MM = 15.0
 # each point against the band vertex nearest it seen from above, within BAND_XY_MM). A median over many points:
 # a noisy sensor's outliers or a few stray points do not move it, where the highest of a few points would.
 # At least MIN_SLAB_POINTS points over the trunk's middle (MIDDLE_FRACTION of its width either side of its
-# centre: the flanks hold no top and may hold an arm). Where hands and forearms cover the slab, the fit's
-# front error comes from the slabs beside it, NEIGHBOUR_SLABS either side (it varies slowly along the trunk;
-# docs/planning.md); where those are covered too, the fitted front stands in.
+# centre: the flanks hold no top and may hold an arm); else the fitted front stands in.
 TOP_BAND_MM, BAND_XY_MM, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 10.0, 20, 0.35
-NEIGHBOUR_SLABS = 2
 # Forearms and hands resting on the body are not its front: points within this
 # top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
 # forearm's line continued by a hand's length), are left out of the slab's front.
@@ -207,8 +204,7 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     if forearms is None:
         forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
                              for s in ("left", "right")])
-    # the only points slab_section reads: its slab and the neighbours it may fall back on
-    slab = observed_points[np.abs(observed_points[:, 1] - yc) < (2 * NEIGHBOUR_SLABS + 1) * SLAB_HALF_MM]
+    slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # the only points slab_section reads
     sec = slab_section(vertices, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
                        prone=patient_position.endswith("P"))
     if sec is None:
@@ -279,20 +275,24 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
-    The front (top) is measured: the fitted front's top plus the fit's front error,
-    ``front_offset``, in the slab; where hands and forearms cover the slab (the caller
-    leaves them out, ``near_forearms``) and too few points are left, the median of the
-    error in the NEIGHBOUR_SLABS slabs either side that have enough.
-    The camera cannot see the underside. Supine, it is the fitted trunk's back where
-    that stands clear of the mattress (the hollow of the lower back), and the mattress
-    top where the fitted back comes within BACK_CONTACT_MM[0] of it (the back rests there; mattress and soft tissue give);
+    The front (top) is measured: the fitted front's top plus the median height of the
+    observed points above the fitted front's top band, over the points in the slab and
+    the trunk's middle whose nearest fitted vertex is trunk and within TRUNK_SURFACE_MM
+    (TOP_BAND_MM, BAND_XY_MM; the caller leaves out the forearms and hands,
+    ``near_forearms``). The camera cannot see the underside. Supine, it is the
+    fitted trunk's back where that stands clear of the mattress (the hollow of the
+    lower back), and the mattress top where the fitted back comes within
+    BACK_CONTACT_MM[0] of it (the back rests there; mattress and soft tissue give);
     between the two distances, the fitted back's height above the mattress scaled
     from 0 to 1 (continuous in the fit).
     Prone, the front bears the weight: chest, belly and pelvis lie on the mattress,
     so the bottom is the mattress top (a fitted front is not trusted to float above
-    it; docs/planning.md). Without enough measured trunk points in any of those slabs
-    the fitted front stands in. None when the fitted trunk has no cross-section there.
+    it; docs/planning.md). Without enough measured
+    trunk points the fitted front stands in. None when the fitted trunk has no
+    cross-section there.
     """
+    from scipy.spatial import cKDTree
+
     s = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM)]
     if len(s) < 10:
         return None
@@ -303,42 +303,20 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     lift = gap * float(np.clip((gap - rests) / (clear - rests), 0.0, 1.0))  # 0 below rests, gap from clear
     bottom = support_z_mm if prone else support_z_mm + lift
     x_c, lat = 0.5 * float(s[:, 0].max() + s[:, 0].min()), float(s[:, 0].max() - s[:, 0].min())
-    offset = front_offset(vertices, trunk, observed_points, y_c, x_c, lat)
-    if offset is None:
-        beside = [front_offset(vertices, trunk, observed_points, y_c + k * 2 * SLAB_HALF_MM, x_c, lat)
-                  for k in range(-NEIGHBOUR_SLABS, NEIGHBOUR_SLABS + 1) if k]
-        beside = [o for o in beside if o is not None]
-        offset = float(np.median(beside)) if beside else None
-    top = mesh_top if offset is None else mesh_top + offset
-    return top, bottom, x_c, lat, mesh_top
-
-
-def front_offset(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, y: float, x_c: float,
-                 lat: float) -> float | None:
-    """The fit's front error in the slab |y_S - y| < SLAB_HALF_MM (mm; + measured above fitted), or None.
-
-    The median height of the measured points over the trunk's middle (MIDDLE_FRACTION of its width lat either
-    side of x_c) whose nearest fitted vertex is trunk and within TRUNK_SURFACE_MM, each against the fitted
-    front's top band (TOP_BAND_MM below its highest point) seen from above within BAND_XY_MM; None with
-    MIN_SLAB_POINTS or fewer such points. vertices (V, 3), observed_points (N, 3): mm, frame S.
-    """
-    from scipy.spatial import cKDTree
-
-    s = vertices[trunk & (np.abs(vertices[:, 1] - y) < SLAB_HALF_MM)]
-    near = np.abs(vertices[:, 1] - y) < SLAB_HALF_MM + 60.0
-    cand = observed_points[(np.abs(observed_points[:, 1] - y) < SLAB_HALF_MM)
+    near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)
+    cand = observed_points[(np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM)
                            & (np.abs(observed_points[:, 0] - x_c) < MIDDLE_FRACTION * lat)]
-    if len(s) < 10 or not near.sum() or len(cand) <= MIN_SLAB_POINTS:
-        return None
-    dist, nn = cKDTree(vertices[near]).query(cand)
-    own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
-    band = vertices[trunk & (np.abs(vertices[:, 1] - y) < SLAB_HALF_MM + BAND_XY_MM)
-                    & (vertices[:, 2] > s[:, 2].max() - TOP_BAND_MM)]
-    d_xy, k = cKDTree(band[:, :2]).query(own[:, :2])
-    over = d_xy < BAND_XY_MM
-    if over.sum() <= MIN_SLAB_POINTS:
-        return None
-    return float(np.median(own[over, 2] - band[k[over], 2]))
+    top = mesh_top
+    if near.sum() and len(cand) > MIN_SLAB_POINTS:
+        dist, nn = cKDTree(vertices[near]).query(cand)
+        own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
+        band = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + BAND_XY_MM)
+                        & (vertices[:, 2] > mesh_top - TOP_BAND_MM)]
+        d_xy, k = cKDTree(band[:, :2]).query(own[:, :2])
+        over = d_xy < BAND_XY_MM
+        if over.sum() > MIN_SLAB_POINTS:
+            top = mesh_top + float(np.median(own[over, 2] - band[k[over], 2]))
+    return top, bottom, x_c, lat, mesh_top
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from positioning.plan import (SLAB_HALF_MM, PlanRefused, ScannerSpec, load_protocol, make_plan, near_forearms,
-                             ssde_factor)
+from positioning.plan import PlanRefused, ScannerSpec, load_protocol, make_plan, ssde_factor
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
 
@@ -168,25 +167,6 @@ def test_hands_on_the_belly_leave_the_chest_front_measured(body_model):
                        forearms=forearms)
     assert still.table_height_mm == pytest.approx(base.table_height_mm, abs=0.5)
     assert raised.table_height_mm - still.table_height_mm == pytest.approx(10.0, abs=0.5)
-
-
-def test_a_covered_slab_takes_the_front_error_from_the_slabs_beside_it(body_model):
-    """A forearm and hand across the chest's ISO slab leave none of it measured: the fit's front error (the
-    measured surface 20 mm above the fitted front) comes from the slabs beside it and still moves the ISO
-    height by half of it; the fitted front alone would not move it at all."""
-    v, j, lv, dom, pts = _body(body_model, "HFS")
-    chest = load_protocol("chest")
-    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
-    yc = np.mean(list(base.scan_range_scanner_mm.values()))
-    z = pts[:, 2].max()
-    forearm = np.array([[[-250.0, yc, z], [-60.0, yc, z]]])  # with its hand: x -310..200, y within 60 mm of yc
-    left = pts[~near_forearms(pts, forearm)]
-    assert not any((np.abs(left[:, 1] - yc) < SLAB_HALF_MM) & (np.abs(left[:, 0]) < 150.0))
-    covered = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, forearms=forearm)
-    raised = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts + [0.0, 0.0, 20.0], -190.0, 250.0, -1000.0,
-                       forearms=forearm)
-    assert covered.table_height_mm == pytest.approx(base.table_height_mm, abs=1.0)
-    assert raised.table_height_mm - covered.table_height_mm == pytest.approx(10.0, abs=1.0)
 
 
 def test_bore_check_counts_what_the_camera_saw_beside_the_body(body_model):
