@@ -4,7 +4,8 @@
    positions, noise), against truth: ISO table height error, lung coverage and
    overscan (chest), position, refusals and why.
 2. Consistency: K patients, each captured at three table longitudinal positions
-   (camera fixed in the room): spread of the table-frame range ends.
+   (camera fixed in the room): spread of the table-frame range ends, each capture planned
+   on its own and as a console following the patient would (a warm re-fit from the last).
 3. Speed: `ctpos plan` as a fresh process (median of R runs) and in a running process: cold, and a
    warm re-plan of the next frame (new sensor noise) started from the first frame's fit.
 4. Margins: coverage and median overscan for every margin 0-40 mm, from the
@@ -112,10 +113,30 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
                             "iso_abs_err_mm_p95": float(np.percentile(np.abs([r["warm_iso_err"] for r in w]), 95))},
             "thickness_err_mm": {"median": float(np.median([r["thick_err"] for r in rows])),
                                  "abs_p95": float(np.percentile(np.abs([r["thick_err"] for r in rows]), 95))},
+            "iso_if_exact_mm": iso_parts(rows),
             "margin_free_end_errors": free, "rows": rows,
             "iso_signed_median_by_group": {k: [len(v), float(np.median(v))] for k, v in sorted(by.items())},
             "by_stature": {k: _band_summary(stature[k], refused_by_stature[k])
                            for k in sorted(set(stature) | set(refused_by_stature))}}
+
+
+def iso_parts(rows: list[dict]) -> dict:
+    """Where the ISO height's error comes from: |error| median / p95 had the front or the underside been exact.
+
+    The plan's front (f) and underside (u) errors follow from its ISO and thickness errors:
+    iso = (f + u) / 2, thickness = f - u. Split by supine / prone (the underside is a
+    different rule for each: docs/planning.md).
+    """
+    out = {}
+    for name, keep in (("supine", "S"), ("prone", "P")):
+        sel = [r for r in rows if r["position"].endswith(keep)]
+        if not sel:
+            continue
+        iso, th = np.array([r["iso_err"] for r in sel]), np.array([r["thick_err"] for r in sel])
+        out[name] = {"n": len(sel),
+                     **{f"{part}_exact": [float(np.median(np.abs(e))), float(np.percentile(np.abs(e), 95))]
+                        for part, e in (("front", (iso - th / 2) / 2), ("underside", (iso + th / 2) / 2))}}
+    return out
 
 
 def _band_summary(rows: list[dict], refused: int) -> dict:
@@ -187,24 +208,33 @@ def consistency(model, net, k: int, protocol: str) -> dict:
     from sim.simulate import simulate
 
     cfg = {**load_config(None), "table_longitudinal_mm": -1000.0}
-    spreads = []
+    spec = ScannerSpec(bore_diameter_mm=800.0)
+    spreads: dict[str, list[float]] = {"independent": [], "followed": []}
     for i in range(k):
         p = sample_scene(SEED0 + 100_000 + i, cfg, model.data.train["betas"])
-        ends = []
-        for dl in (-150.0, 0.0, 150.0):
-            q = with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl)
-            cap, _ = simulate(q, model)
-            try:
-                plan, _ = plan_from_capture(cap, protocol, model, net, ScannerSpec(bore_diameter_mm=800.0))
-            except (PlanRefused, SegmentationError):
-                break
-            ends.append([plan.scan_range_table_mm["cranial"], plan.scan_range_table_mm["caudal"]])
-        if len(ends) == 3:
-            e = np.array(ends)
-            spreads.append(float((e.max(0) - e.min(0)).max()))
-    s = np.array(spreads)
-    return {"patients": len(spreads), "spread_mm_median": float(np.median(s)), "spread_mm_p95": float(np.percentile(s, 95)),
-            "within_5mm": float(np.mean(s <= 5.0))}
+        ends: dict[str, list] = {"independent": [], "followed": []}
+        last = None
+        try:
+            for dl in (-150.0, 0.0, 150.0):
+                cap, _ = simulate(with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl), model)
+                plan, per = plan_from_capture(cap, protocol, model, net, spec)
+                ends["independent"].append(plan)
+                # A console following the patient re-fits from the last frame's body, carried by the table's move.
+                if last is not None:
+                    plan, per = plan_from_capture(cap, protocol, model, net, spec, warm=last)
+                ends["followed"].append(plan)
+                last = per
+        except (PlanRefused, SegmentationError):
+            continue
+        for mode, plans in ends.items():
+            e = np.array([[q.scan_range_table_mm["cranial"], q.scan_range_table_mm["caudal"]] for q in plans])
+            spreads[mode].append(float((e.max(0) - e.min(0)).max()))
+    out = {"patients": len(spreads["independent"])}
+    for mode, v in spreads.items():
+        s = np.array(v)
+        out[mode] = {"spread_mm_median": float(np.median(s)), "spread_mm_p95": float(np.percentile(s, 95)),
+                     "within_5mm": float(np.mean(s <= 5.0))}
+    return out
 
 
 def fresh_process(protocol: str, runs: int) -> dict:

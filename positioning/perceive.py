@@ -1,6 +1,7 @@
 """From one capture to the patient's body in S: segmentation, depth keypoints, mesh fit. Pure over its inputs."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -8,8 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from positioning.bodymodel import BodyModel
-from positioning.capture import Capture
+from positioning.capture import Capture, SceneState
 from positioning.fit import ARMS, FitResult, fit_body, one_torch_thread
+from positioning.frames import scanner_to_table, table_to_scanner
 from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints
 from positioning.poses import ARM_POSES, POSITIONS
 from positioning.segment import Segmentation, segment_patient
@@ -32,7 +34,8 @@ class Perception:
     vertices (V, 3) float32 mm, frame S; joints (24, 3) float32 mm, frame S (SMPL order);
     joint_confidence (24,) 0..1; patient_position DICOM code with position_confidence 0..1;
     keypoints: the network's keypoints in S (or None); fit: the full FitResult (warm start);
-    segmentation: the patient's points and the objects beside them; timing_ms per stage.
+    segmentation: the patient's points and the objects beside them; scene: the camera and
+    table state of the capture (a warm start follows the table's move); timing_ms per stage.
     """
 
     vertices: np.ndarray
@@ -44,6 +47,7 @@ class Perception:
     keypoints: Keypoints | None
     fit: FitResult
     segmentation: Segmentation
+    scene: SceneState
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -99,6 +103,9 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
              use_keypoints: bool = True, colour: bool = False) -> Perception:
     """Segment, detect keypoints (unless use_keypoints is False), fit. Raises SegmentationError on a bad scene.
 
+    warm: an earlier frame's Perception of the same patient (a live console re-planning): the fit starts from
+    that body, moved with the table where the table moved since (the patient lies on it).
+
     colour: also run MediaPipe on the colour image and fuse (positioning/colour_keypoints.py);
     where it finds nobody, the depth keypoints go on alone (logged).
     """
@@ -125,10 +132,17 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
     if warm is not None and warm.patient_position not in positions:
         log.info("the patient lies %s now, not %s: fitted afresh", "/".join(positions), warm.patient_position)
         warm = None
+    warm_fit = None
+    if warm is not None:
+        # The patient lies on the table: where the table moved since that frame, the body moved with it.
+        moved = table_to_scanner(scanner_to_table(warm.fit.translation_mm, warm.scene.table_height_mm,
+                                                  warm.scene.table_longitudinal_mm),
+                                 capture.scene.table_height_mm, capture.scene.table_longitudinal_mm)
+        warm_fit = dataclasses.replace(warm.fit, translation_mm=moved)
     with one_torch_thread():
         res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions, arms=arms,
                        iterations=WARM_ITERATIONS if warm is not None else FIT_ITERATIONS,
-                       warm=warm.fit if warm is not None else None,
+                       warm=warm_fit,
                        converge_after=CONVERGE_AFTER if warm is None and kp is not None else None)
     timing.update(res.timing_ms)
     jc = np.full(NUM_JOINTS, 0.5) if conf24 is None else np.where(conf24 > 0, conf24, 0.5)
@@ -137,4 +151,4 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
         # Only one position was fitted: the confidence is the network's.
         pos_conf = abs(2.0 * kp.prone_probability - 1.0)
     return Perception(res.vertices, res.joints, np.clip(jc * (0.5 + 0.5 * pos_conf), 0, 1), res.patient_position,
-                      pos_conf, res.residual_mm, kp, res, seg, timing)
+                      pos_conf, res.residual_mm, kp, res, seg, capture.scene, timing)

@@ -12,12 +12,13 @@ import torch
 
 from positioning.capture import read_capture, read_truth
 from positioning.fit import Adam, fit_body, one_torch_thread
-from positioning.perceive import keypoints_as_joints, perceive
+from positioning.frames import scanner_to_table
+from positioning.perceive import WARM_ITERATIONS, keypoints_as_joints, perceive
 from positioning.segment import (SegmentationError, TableNotLevel, level_warnings, outliers, segment_patient,
                                  support_tilt, veil_pixels)
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
-from sim.scene import load_config, sample_scene
+from sim.scene import load_config, sample_scene, with_table_at
 from sim.simulate import simulate
 
 
@@ -250,6 +251,22 @@ def test_a_fit_that_has_settled_stops_early(sim_cases, body_model, keypoint_net)
                     positions=(per.patient_position,), arms=(per.fit.arms,))
     assert full.iterations == 120
     assert np.median(np.linalg.norm(full.joints - per.joints, axis=1)) < 15.0
+
+
+def test_a_warm_start_moves_with_the_table(body_model, keypoint_net):
+    """A live console re-fits each frame from the last one. Between the two frames the table moved 150 mm
+    along and 40 mm up, and the patient with it: the warm fit finds the body where a fit from scratch does
+    (started where the body was in S before the move, it stayed 16 mm off)."""
+    p = _scene(body_model, 50_100_004, table_longitudinal_mm=-1000.0)
+    cap, _ = simulate(p, body_model)
+    first = perceive(cap, body_model, keypoint_net)
+    cap2, _ = simulate(with_table_at(p, p.table_height_mm + 40.0, p.table_longitudinal_mm + 150.0), body_model)
+    warm, cold = perceive(cap2, body_model, keypoint_net, warm=first), perceive(cap2, body_model, keypoint_net)
+    assert warm.fit.iterations == WARM_ITERATIONS
+    assert np.median(np.linalg.norm(warm.joints - cold.joints, axis=1)) < 6.0
+    in_t = [scanner_to_table(per.joints, c.scene.table_height_mm, c.scene.table_longitudinal_mm)
+            for per, c in ((first, cap), (warm, cap2))]
+    assert np.median(np.linalg.norm(in_t[1] - in_t[0], axis=1)) < 10.0
 
 
 def test_fit_cli(sim_cases, tmp_path):
