@@ -212,22 +212,22 @@ def consistency(model, net, k: int, protocol: str) -> dict:
     spreads: dict[str, list[float]] = {"independent": [], "followed": []}
     for i in range(k):
         p = sample_scene(SEED0 + 100_000 + i, cfg, model.data.train["betas"])
-        ends: dict[str, list] = {"independent": [], "followed": []}
+        plans: dict[str, list] = {"independent": [], "followed": []}
         last = None
         try:
             for dl in (-150.0, 0.0, 150.0):
                 cap, _ = simulate(with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl), model)
                 plan, per = plan_from_capture(cap, protocol, model, net, spec)
-                ends["independent"].append(plan)
+                plans["independent"].append(plan)
                 # A console following the patient re-fits from the last frame's body, carried by the table's move.
                 if last is not None:
                     plan, per = plan_from_capture(cap, protocol, model, net, spec, warm=last)
-                ends["followed"].append(plan)
+                plans["followed"].append(plan)
                 last = per
         except (PlanRefused, SegmentationError):
             continue
-        for mode, plans in ends.items():
-            e = np.array([[q.scan_range_table_mm["cranial"], q.scan_range_table_mm["caudal"]] for q in plans])
+        for mode, made in plans.items():
+            e = np.array([[q.scan_range_table_mm["cranial"], q.scan_range_table_mm["caudal"]] for q in made])
             spreads[mode].append(float((e.max(0) - e.min(0)).max()))
     out = {"patients": len(spreads["independent"])}
     for mode, v in spreads.items():
