@@ -345,9 +345,11 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
         return iso_height, float(clear[0])
     ok = np.flatnonzero(clear[1:] >= spec.clearance_margin_mm)
     if len(ok) == 0:
-        raise PlanRefused("BORE_COLLISION", f"the body comes within {clear[0]:.0f} mm of the bore at the ISO height and "
-                                            f"no table height keeps {spec.clearance_margin_mm:.0f} mm: reposition "
-                                            f"the arms or the patient")
+        # A technician reads this: a negative clearance is a collision, said so, not "within -39 mm".
+        at_iso = (f"the body comes within {clear[0]:.0f} mm of the bore" if clear[0] >= 0 else
+                  f"the body would hit the bore ({-clear[0]:.0f} mm beyond its wall)")
+        raise PlanRefused("BORE_COLLISION", f"{at_iso} at the ISO height and no table height keeps "
+                                            f"{spec.clearance_margin_mm:.0f} mm: reposition the arms or the patient")
     best = ok[np.argmin(np.abs(heights[1:][ok] - iso_height))]
     return float(heights[1 + best]), float(clear[1 + best])
 

@@ -393,8 +393,11 @@ def test_bore_clearance_moves_the_table_off_iso_only_as_far_as_needed():
     h, c = bore_safe_height(v, 200.0, 200.0, rng, spec)
     # At ISO the top corners are at r = 250 > 240; they clear 240 once 17.3 mm lower (1 mm steps: 218 mm).
     assert h == 218.0 and c >= 20.0
-    with pytest.raises(PlanRefused, match="no table height"):
+    with pytest.raises(PlanRefused, match=r"^the body would hit the bore \(10 mm beyond its wall\) at the ISO height "
+                                          r"and no table height keeps 20 mm"):
         bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=480.0))
+    with pytest.raises(PlanRefused, match=r"^the body comes within 10 mm of the bore at the ISO height"):
+        bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=520.0, clearance_margin_mm=200.0))
     h, c = bore_safe_height(v, 200.0, 200.0, rng, ScannerSpec(bore_diameter_mm=700.0))
     assert h == 200.0 and c == pytest.approx(350.0 - np.hypot(200, 150), abs=0.01)
 
