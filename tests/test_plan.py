@@ -364,6 +364,24 @@ def test_a_camera_moved_since_calibration_exits_nonzero(sim_cases, tmp_path):
     assert "the camera may have moved since its calibration" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_capture_in_another_depth_unit_gives_the_same_plan(sim_cases, body_model, keypoint_net, tmp_path):
+    """Another tool's capture may count depth in quarter millimetres (an L515's unit): depth_scale says so."""
+    from positioning.cli import plan_capture
+
+    case = tmp_path / "quarter-mm"
+    shutil.copytree(sim_cases[0], case)
+    cam = json.loads((case / "camera.json").read_text())
+    metres = cv2.imread(str(case / "depth.png"), cv2.IMREAD_UNCHANGED) * cam["depth_scale"]
+    cv2.imwrite(str(case / "depth.png"), np.round(metres / 0.00025).astype(np.uint16))
+    (case / "camera.json").write_text(json.dumps({**cam, "depth_scale": 0.00025}))
+    mm, _ = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)
+    quarter, _ = plan_capture(case, "chest", body_model, keypoint_net)
+    assert quarter.patient_position == mm.patient_position
+    assert abs(quarter.table_height_mm - mm.table_height_mm) < 1.0
+    for end in ("cranial", "caudal"):
+        assert abs(quarter.scan_range_table_mm[end] - mm.scan_range_table_mm[end]) < 2.0
+
+
 def test_empty_table_exits_nonzero(body_model, tmp_path):
     from positioning.capture import write_capture
     from sim.scene import load_config, sample_scene
