@@ -209,8 +209,15 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
                        prone=patient_position.endswith("P"))
     if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
-    top, bottom, x_c, lat, mesh_top = sec
-    if abs(mesh_top - top) > 15.0:
+    top, bottom, x_c, lat, mesh_top, measured = sec
+    if not measured:
+        # The fitted front under a covering hand is the shape model's guess, off by up to 30 mm either way
+        # on tuning captures (docs/planning.md); the technician can have the hands moved and capture again.
+        warnings.append({"code": "ISO_FRONT_HIDDEN", "message": f"the body's surface at the {protocol.name}'s centre "
+                                                                 f"is hidden (hands or forearms over it): its table "
+                                                                 f"height is the fitted body's guess; move the hands "
+                                                                 f"and capture again"})
+    elif abs(mesh_top - top) > 15.0:
         warnings.append({"code": "MESH_DEPTH_DISAGREE", "message": f"the fitted body's front is {mesh_top - top:+.0f} "
                                                                     f"mm off the measured surface at the ISO slab"})
     ap = top - bottom
@@ -271,8 +278,9 @@ def near_forearms(points: np.ndarray, forearms: np.ndarray) -> np.ndarray:
 
 
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
-                 y_c: float, prone: bool = False) -> tuple[float, float, float, float, float] | None:
-    """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S.
+                 y_c: float, prone: bool = False) -> tuple[float, float, float, float, float, bool] | None:
+    """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S,
+    and whether the top was measured.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
     The front (top) is measured: the fitted front's top plus the median height of the
@@ -306,7 +314,7 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     near = (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + 60.0)
     cand = observed_points[(np.abs(observed_points[:, 1] - y_c) < SLAB_HALF_MM)
                            & (np.abs(observed_points[:, 0] - x_c) < MIDDLE_FRACTION * lat)]
-    top = mesh_top
+    top, measured = mesh_top, False
     if near.sum() and len(cand) > MIN_SLAB_POINTS:
         dist, nn = cKDTree(vertices[near]).query(cand)
         own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
@@ -315,8 +323,8 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
         d_xy, k = cKDTree(band[:, :2]).query(own[:, :2])
         over = d_xy < BAND_XY_MM
         if over.sum() > MIN_SLAB_POINTS:
-            top = mesh_top + float(np.median(own[over, 2] - band[k[over], 2]))
-    return top, bottom, x_c, lat, mesh_top
+            top, measured = mesh_top + float(np.median(own[over, 2] - band[k[over], 2])), True
+    return top, bottom, x_c, lat, mesh_top, measured
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],

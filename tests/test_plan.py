@@ -169,6 +169,25 @@ def test_hands_on_the_belly_leave_the_chest_front_measured(body_model):
     assert raised.table_height_mm - still.table_height_mm == pytest.approx(10.0, abs=0.5)
 
 
+def test_a_front_hidden_by_the_hands_is_flagged_not_silent(body_model):
+    """Hands clasped 40 mm over the whole middle of the chest's ISO slab, where the keypoints put both forearms:
+    no measured front is left, the fitted one stands in, and the plan says so (ISO_FRONT_HIDDEN)."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(base.scan_range_scanner_mm.values()))
+    under = (np.abs(pts[:, 1] - yc) < 70) & (np.abs(pts[:, 0]) < 150)
+    z = pts[under, 2].max()
+    g = np.mgrid[-150:150:6.0, -70:70:6.0].reshape(2, -1).T
+    hands = np.column_stack([g[:, 0], yc + g[:, 1], np.full(len(g), z + 40.0)])
+    forearms = np.array([[[sx * 280.0, yc - 60.0, z], [sx * 120.0, yc, z + 40.0]] for sx in (-1.0, 1.0)])
+    p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, np.concatenate([pts[~under], hands]), -190.0, 250.0,
+                  -1000.0, forearms=forearms)
+    assert [w["code"] for w in p.warnings] == ["ISO_FRONT_HIDDEN"]
+    assert "hidden (hands or forearms over it)" in p.warnings[0]["message"]
+    assert not base.warnings
+
+
 def test_bore_check_counts_what_the_camera_saw_beside_the_body(body_model):
     """A hand hanging over the table's edge, seen but not fitted, makes the plan unsafe."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
