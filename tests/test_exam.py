@@ -61,7 +61,7 @@ def test_a_patient_who_would_not_clear_the_bore_is_refused_before_any_move(tmp_p
     from scanner_bridge.audit import AuditLog
 
     out = tmp_path / "exam"
-    with pytest.raises(ExamError, match=r"^plan: refused: the body would hit the bore \(\d+ mm beyond its wall\) at the ISO height"):
+    with pytest.raises(ExamError, match=r"^plan: refused: the body would hit the bore \(\d+ mm beyond its wall\)"):
         run_exam(ExamConfig(out=out, seed=5, simulated_technician=True))
     assert not processes_mentioning(str(out))
     log_ = AuditLog(out / "bridge" / "audit.sqlite").open()
