@@ -401,6 +401,33 @@ def test_a_capture_in_another_depth_unit_gives_the_same_plan(sim_cases, body_mod
         assert abs(quarter.scan_range_table_mm[end] - mm.scan_range_table_mm[end]) < 2.0
 
 
+def test_a_camera_turned_on_its_axis_gives_the_same_plan(sim_cases, body_model, keypoint_net, tmp_path):
+    """Another site mounts the camera turned 90 degrees about its optical axis (the image's long side across the
+    table): the same scene, so the same plan, up to the pixels' new sampling of the body."""
+    from positioning.cli import plan_capture
+
+    case = tmp_path / "turned"
+    shutil.copytree(sim_cases[0], case)
+    cam = json.loads((case / "camera.json").read_text())
+    scene = json.loads((case / "scene.json").read_text())
+    for name in ("depth.png", "color.png"):
+        img = cv2.imread(str(case / name), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(case / name), cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE))
+    turned = {**cam, "width": cam["height"], "height": cam["width"], "fx": cam["fy"], "fy": cam["fx"],
+              "cx": cam["height"] - 1 - cam["cy"], "cy": cam["cx"]}
+    turn = np.eye(4)
+    turn[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]  # old camera frame -> the turned one's (x' = -y, y' = x)
+    (case / "camera.json").write_text(json.dumps(turned))
+    (case / "scene.json").write_text(json.dumps({**scene, "camera_to_scanner": (np.array(scene["camera_to_scanner"])
+                                                                                @ np.linalg.inv(turn)).tolist()}))
+    first, _ = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)
+    again, _ = plan_capture(case, "chest", body_model, keypoint_net)
+    assert again.patient_position == first.patient_position
+    assert abs(again.table_height_mm - first.table_height_mm) < 2.0
+    for end in ("cranial", "caudal"):
+        assert abs(again.scan_range_table_mm[end] - first.scan_range_table_mm[end]) < 6.0
+
+
 def test_empty_table_exits_nonzero(body_model, tmp_path):
     from positioning.capture import write_capture
     from sim.scene import load_config, sample_scene
