@@ -14,6 +14,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -277,10 +278,20 @@ def near_forearms(points: np.ndarray, forearms: np.ndarray) -> np.ndarray:
     return out
 
 
+class SlabSection(NamedTuple):
+    """The trunk's cross-section in the ISO slab, mm, frame S: z of its front (top) and underside (bottom), x of its
+    middle and its width, the fitted front's z, and whether the front was measured (else the fitted one stands in)."""
+    top: float
+    bottom: float
+    x_centre: float
+    width: float
+    mesh_top: float
+    front_measured: bool
+
+
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
-                 y_c: float, prone: bool = False) -> tuple[float, float, float, float, float, bool] | None:
-    """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM: (top, bottom, x centre, width, mesh top), mm, S,
-    and whether the top was measured.
+                 y_c: float, prone: bool = False) -> SlabSection | None:
+    """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
     The front (top) is measured: the fitted front's top plus the median height of the
@@ -296,8 +307,8 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     Prone, the front bears the weight: chest, belly and pelvis lie on the mattress,
     so the bottom is the mattress top (a fitted front is not trusted to float above
     it; docs/planning.md). Without enough measured
-    trunk points the fitted front stands in. None when the fitted trunk has no
-    cross-section there.
+    trunk points the fitted front stands in (front_measured False). None when the
+    fitted trunk has no cross-section there.
     """
     from scipy.spatial import cKDTree
 
@@ -324,7 +335,7 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
         over = d_xy < BAND_XY_MM
         if over.sum() > MIN_SLAB_POINTS:
             top, measured = mesh_top + float(np.median(own[over, 2] - band[k[over], 2])), True
-    return top, bottom, x_c, lat, mesh_top, measured
+    return SlabSection(top, bottom, x_c, lat, mesh_top, measured)
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],
