@@ -36,6 +36,7 @@ from scipy.spatial import cKDTree
 
 from positioning.anatomy import posed_levels
 from positioning.bodymodel import BodyModel
+from positioning.frames import grid_means
 from positioning.poses import POSITION_ROTATIONS, POSITIONS, canonical_pose
 from positioning.skeleton import JOINT_INDEX as J
 from positioning.skeleton import NUM_JOINTS, PARENTS
@@ -43,6 +44,10 @@ from positioning.skeleton import NUM_JOINTS, PARENTS
 ARMS = ("down", "up")
 N_POINTS = 1500
 N_VERTS = 1500
+# The fit's points are the means of cells this size on a grid fixed to the table: the body's surface weighs the same
+# wherever the camera sees it densely or sparsely, and the same body on a moved table is sampled the same way (three
+# table positions 6.0 -> 5.1 mm spread at the median on 63 tuning patients; docs/planning.md).
+FIT_CELL_MM = 30.0
 CONVERGED_FRACTION = 0.02  # of the summed cost over 10 iterations: less and the fit has settled
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
 KEYPOINT_WEIGHT = 1.0
@@ -251,7 +256,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
              keypoints_s_mm: np.ndarray | None = None, keypoint_conf: np.ndarray | None = None,
              iterations: int = 120, seed: int = 0, positions: tuple[str, ...] = POSITIONS,
              arms: tuple[str, ...] = ARMS, warm: FitResult | None = None,
-             converge_after: int | None = None) -> FitResult:
+             converge_after: int | None = None, table_origin_s_mm: np.ndarray | None = None) -> FitResult:
     """Fit every hypothesis to the patient's points (N, 3) mm in S; return the best.
 
     keypoints_s_mm: (24, 3) optional 3D keypoints in S (SMPL joint order) with
@@ -259,13 +264,16 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     warm: the previous frame's result: one hypothesis, started from it (live use).
     converge_after: stop once this many iterations are done and the summed cost fell by less than
     CONVERGED_FRACTION over the last 10 (checked every 5; at most `iterations`); None runs them all.
+    table_origin_s_mm: (3,) where T's origin lies in S at the capture (CONVENTIONS.md); the points are fitted
+    as the means of FIT_CELL_MM cells of a grid laid from it (from S's origin when None), at most N_POINTS.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    pts = points_s_mm[rng.choice(len(points_s_mm), min(N_POINTS, len(points_s_mm)), replace=False)] / 1000.0
-    support = support_z_s_mm / 1000.0
     nv = model.data.v_template.shape[0]
-    sub = np.sort(rng.choice(nv, min(N_VERTS, nv), replace=False))
+    sub = np.sort(rng.choice(nv, min(N_VERTS, nv), replace=False))  # drawn first: the same for every capture
+    cells = grid_means(points_s_mm, FIT_CELL_MM, table_origin_s_mm)
+    pts = cells[rng.choice(len(cells), min(N_POINTS, len(cells)), replace=False)] / 1000.0
+    support = support_z_s_mm / 1000.0
     skin = _Skin(model, sub)
     if warm is not None:
         hyps = [(warm.patient_position, warm.arms)]

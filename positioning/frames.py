@@ -18,6 +18,23 @@ def scanner_to_table(p_s: np.ndarray, table_height_mm: float, table_longitudinal
     return p_s - np.array([0.0, table_longitudinal_mm, -table_height_mm], dtype)
 
 
+def grid_means(points: np.ndarray, cell_mm: float, origin: np.ndarray | None = None) -> np.ndarray:
+    """(M, 3) float64: the mean of the points (N, 3) in each occupied cell of a cubic grid of cell_mm laid from
+    origin (3,) (the points' frame and unit; the frame's own origin when None), one row per cell.
+
+    Open3D's voxel_down_sample lays its grid from the cloud's own corner, which moves with what the camera sees;
+    this one stays where it is put (on the table, for the fit), and importing Open3D would cost a fresh
+    `ctpos plan` a second.
+    """
+    p = np.asarray(points, np.float64)
+    idx = np.floor((p - (0.0 if origin is None else np.asarray(origin, np.float64))) / cell_mm).astype(np.int64)
+    idx -= idx.min(0)
+    span = idx.max(0) + 1
+    key = (idx[:, 0] * span[1] + idx[:, 1]) * span[2] + idx[:, 2]
+    _, inv, count = np.unique(key, return_inverse=True, return_counts=True)
+    return np.stack([np.bincount(inv, p[:, k]) for k in range(3)], 1) / count[:, None]
+
+
 def transform(points: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Apply a 4x4 rigid transform to (..., 3) points."""
     return np.asarray(points, float) @ m[:3, :3].T + m[:3, 3]

@@ -143,7 +143,9 @@ def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None,
         res = fit_body(model, seg.points_s, seg.support_z_s, kp24, conf24, positions=positions, arms=arms,
                        iterations=WARM_ITERATIONS if warm is not None else FIT_ITERATIONS,
                        warm=warm_fit,
-                       converge_after=CONVERGE_AFTER if warm is None and kp is not None else None)
+                       converge_after=CONVERGE_AFTER if warm is None and kp is not None else None,
+                       table_origin_s_mm=table_to_scanner(np.zeros(3), capture.scene.table_height_mm,
+                                                          capture.scene.table_longitudinal_mm))
     timing.update(res.timing_ms)
     jc = np.full(NUM_JOINTS, 0.5) if conf24 is None else np.where(conf24 > 0, conf24, 0.5)
     pos_conf = float(np.clip(res.position_margin, 0.0, 1.0))
