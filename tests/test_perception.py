@@ -269,6 +269,35 @@ def test_a_warm_start_moves_with_the_table(body_model, keypoint_net):
     assert np.median(np.linalg.norm(in_t[1] - in_t[0], axis=1)) < 10.0
 
 
+def test_grid_means_are_each_cells_mean():
+    from positioning.frames import grid_means
+
+    pts = np.array([[1.0, 1.0, 1.0], [9.0, 5.0, 3.0], [11.0, 1.0, 1.0], [29.0, 9.0, 9.0], [-1.0, 0.0, 0.0]])
+    cells = {tuple(c) for c in grid_means(pts, 10.0).round(6)}
+    assert cells == {(5.0, 3.0, 2.0), (11.0, 1.0, 1.0), (29.0, 9.0, 9.0), (-1.0, 0.0, 0.0)}
+    shifted = {tuple(c) for c in grid_means(pts, 10.0, origin=np.array([-5.0, 0.0, 0.0])).round(6)}
+    assert shifted == {(0.0, 0.5, 0.5), (10.0, 3.0, 2.0), (29.0, 9.0, 9.0)}  # x cells [-5, 5), [5, 15), [25, 35)
+
+
+def test_the_fits_sample_moves_with_the_table():
+    """The same body on a table moved by an odd amount: a grid laid from the table's origin samples it into the
+    same cell means, moved with it; a grid fixed to the room cuts it elsewhere."""
+    from positioning.frames import grid_means, table_to_scanner
+
+    body_t = np.random.default_rng(3).uniform([-200, -1500, 0], [200, -100, 250], (20000, 3))
+    states = [(180.0, -1000.0), (143.0, -863.0)]  # (height, longitudinal) mm
+    on_table, in_room = [], []
+    for h, long in states:
+        pts_s = table_to_scanner(body_t, h, long)
+        on_table.append(grid_means(pts_s, 30.0, table_to_scanner(np.zeros(3), h, long)) - [0.0, long, -h])
+        in_room.append(grid_means(pts_s, 30.0) - [0.0, long, -h])
+
+    def as_set(a):
+        return {tuple(r) for r in a.round(6)}
+    assert as_set(on_table[0]) == as_set(on_table[1])
+    assert len(as_set(in_room[0]) & as_set(in_room[1])) < 0.1 * len(in_room[0])
+
+
 def test_fit_cli(sim_cases, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ctpos", "fit", str(sim_cases[0]), "--json", "--mesh",
                         str(tmp_path / "m.ply")], capture_output=True, text=True, timeout=300)
