@@ -81,7 +81,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
                      "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"],
                      "clipped": any(w["code"] == "RANGE_CLIPPED" for w in plan.warnings),
                      "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"],
-                     "true_clearance_mm": clear, **warm})
+                     "true_clearance_mm": clear, "warnings": [w["code"] for w in plan.warnings], **warm})
     if not rows:
         return {"n": n, "planned": 0, "refused": dict(refused), "bore_check_vs_truth": dict(bore),
                 "margin_free_end_errors": []}
@@ -106,6 +106,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
             "overscan_mm": {"cranial_median": float(np.median([r["over_cr"] for r in rows])),
                             "caudal_median": float(np.median([r["over_ca"] for r in rows]))},
             "position_correct": float(np.mean([r["position_ok"] for r in rows])),
+            "warnings": dict(Counter(c for r in rows for c in r["warnings"])),
             "in_process_ms_median": float(np.median([r["ms"] for r in rows])),
             "warm_replan": {"planned": len(w), "refused": len(rows) - len(w),
                             "ms_median": float(np.median([r["warm_ms"] for r in w])),
