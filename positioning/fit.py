@@ -46,7 +46,7 @@ N_POINTS = 1500
 N_VERTS = 1500
 # The fit's points are the means of cells this size on a grid fixed to the table: the body's surface weighs the same
 # wherever the camera sees it densely or sparsely, and the same body on a moved table is sampled the same way (three
-# table positions 6.0 -> 5.1 mm spread at the median on 63 tuning patients; docs/planning.md).
+# table positions held out: 6.1 -> 4.5 mm spread at the median, chest; docs/planning.md).
 FIT_CELL_MM = 30.0
 CONVERGED_FRACTION = 0.02  # of the summed cost over 10 iterations: less and the fit has settled
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
