@@ -383,6 +383,13 @@ def test_a_camera_moved_since_calibration_exits_nonzero(sim_cases, tmp_path):
     assert "the camera may have moved since its calibration" in r.stderr and "Traceback" not in r.stderr
 
 
+def _assert_same_plan(a, b, iso_mm: float, ends_mm: float) -> None:
+    assert b.patient_position == a.patient_position
+    assert abs(b.table_height_mm - a.table_height_mm) < iso_mm
+    for end in ("cranial", "caudal"):
+        assert abs(b.scan_range_table_mm[end] - a.scan_range_table_mm[end]) < ends_mm
+
+
 def test_a_capture_in_another_depth_unit_gives_the_same_plan(sim_cases, body_model, keypoint_net, tmp_path):
     """Another tool's capture may count depth in quarter millimetres (an L515's unit): depth_scale says so."""
     from positioning.cli import plan_capture
@@ -393,12 +400,8 @@ def test_a_capture_in_another_depth_unit_gives_the_same_plan(sim_cases, body_mod
     metres = cv2.imread(str(case / "depth.png"), cv2.IMREAD_UNCHANGED) * cam["depth_scale"]
     cv2.imwrite(str(case / "depth.png"), np.round(metres / 0.00025).astype(np.uint16))
     (case / "camera.json").write_text(json.dumps({**cam, "depth_scale": 0.00025}))
-    mm, _ = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)
-    quarter, _ = plan_capture(case, "chest", body_model, keypoint_net)
-    assert quarter.patient_position == mm.patient_position
-    assert abs(quarter.table_height_mm - mm.table_height_mm) < 1.0
-    for end in ("cranial", "caudal"):
-        assert abs(quarter.scan_range_table_mm[end] - mm.scan_range_table_mm[end]) < 2.0
+    _assert_same_plan(plan_capture(sim_cases[0], "chest", body_model, keypoint_net)[0],
+                      plan_capture(case, "chest", body_model, keypoint_net)[0], iso_mm=1.0, ends_mm=2.0)
 
 
 def test_a_camera_turned_on_its_axis_gives_the_same_plan(sim_cases, body_model, keypoint_net, tmp_path):
@@ -420,12 +423,8 @@ def test_a_camera_turned_on_its_axis_gives_the_same_plan(sim_cases, body_model, 
     (case / "camera.json").write_text(json.dumps(turned))
     (case / "scene.json").write_text(json.dumps({**scene, "camera_to_scanner": (np.array(scene["camera_to_scanner"])
                                                                                 @ np.linalg.inv(turn)).tolist()}))
-    first, _ = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)
-    again, _ = plan_capture(case, "chest", body_model, keypoint_net)
-    assert again.patient_position == first.patient_position
-    assert abs(again.table_height_mm - first.table_height_mm) < 2.0
-    for end in ("cranial", "caudal"):
-        assert abs(again.scan_range_table_mm[end] - first.scan_range_table_mm[end]) < 6.0
+    _assert_same_plan(plan_capture(sim_cases[0], "chest", body_model, keypoint_net)[0],
+                      plan_capture(case, "chest", body_model, keypoint_net)[0], iso_mm=2.0, ends_mm=6.0)
 
 
 def test_empty_table_exits_nonzero(body_model, tmp_path):
