@@ -299,23 +299,18 @@ def test_grid_means_are_each_cells_mean():
     assert shifted == {(0.0, 0.5, 0.5), (10.0, 3.0, 2.0), (29.0, 9.0, 9.0)}  # x cells [-5, 5), [5, 15), [25, 35)
 
 
-def test_the_fits_sample_moves_with_the_table():
-    """The same body on a table moved by an odd amount: a grid laid from the table's origin samples it into the
-    same cell means, moved with it; a grid fixed to the room cuts it elsewhere."""
-    from positioning.frames import grid_means, table_to_scanner
-
-    body_t = np.random.default_rng(3).uniform([-200, -1500, 0], [200, -100, 250], (20000, 3))
-    states = [(180.0, -1000.0), (143.0, -863.0)]  # (height, longitudinal) mm
-    on_table, in_room = [], []
-    for h, long in states:
-        pts_s = table_to_scanner(body_t, h, long)
-        on_table.append(grid_means(pts_s, 30.0, table_to_scanner(np.zeros(3), h, long)) - [0.0, long, -h])
-        in_room.append(grid_means(pts_s, 30.0) - [0.0, long, -h])
-
-    def as_set(a):
-        return {tuple(r) for r in a.round(6)}
-    assert as_set(on_table[0]) == as_set(on_table[1])
-    assert len(as_set(in_room[0]) & as_set(in_room[1])) < 0.1 * len(in_room[0])
+def test_perception_samples_the_body_on_the_table_not_in_the_room(sim_cases, body_model, keypoint_net):
+    """The same frame, as if camera and table had both moved 37 mm along and 23 mm down: perception lays the fit's
+    grid on the table, so it finds the same body moved with them (to float rounding), not a re-sampled one."""
+    cap = read_capture(sim_cases[0])
+    move = np.array([0.0, 37.0, -23.0])
+    m = cap.scene.camera_to_scanner.copy()
+    m[:3, 3] += move
+    moved = dataclasses.replace(cap, scene=dataclasses.replace(
+        cap.scene, camera_to_scanner=m, table_height_mm=cap.scene.table_height_mm - move[2],
+        table_longitudinal_mm=cap.scene.table_longitudinal_mm + move[1]))
+    here, there = perceive(cap, body_model, keypoint_net), perceive(moved, body_model, keypoint_net)
+    assert np.abs(there.vertices - move - here.vertices).max() < 0.5
 
 
 def test_fit_cli(sim_cases, tmp_path):
