@@ -265,6 +265,28 @@ def support_height_t(z_t: np.ndarray) -> float:
     return float(np.median(band))
 
 
+def shifted_height_map(seg: Segmentation, table_longitudinal_mm: float,
+                       shift_mm: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """The patient's height map as ``seg.heightmap`` (its points only, each cell's highest), on a grid moved
+    shift_mm back along both table axes: (heightmap (Hm + 1, Wm + 1) float32 mm above the support, NaN = empty;
+    (x_T, y_T) of cell [0, 0]'s centre). The extra row and column keep every point in a cell.
+
+    Which points share a cell, and so each cell's value, depends on where the grid lies: two grids half a cell
+    apart give two looks at the same surface (the keypoint network's two views, positioning/keypoints.py).
+    """
+    pts = seg.points_s.astype(np.float64)
+    x_t, y_t, above = pts[:, 0], pts[:, 1] - table_longitudinal_mm, pts[:, 2] - seg.support_z_s  # T ∥ S
+    x0, y0 = seg.heightmap_origin_t[0] - shift_mm, seg.heightmap_origin_t[1] - shift_mm
+    ny, nx = seg.heightmap.shape[0] + 1, seg.heightmap.shape[1] + 1
+    # Cell centres at x0 + j * CELL: cell j spans [x0 + (j - 1/2) CELL, x0 + (j + 1/2) CELL).
+    ix = np.floor((x_t - x0) / CELL_MM + 0.5).astype(int)
+    iy = np.floor((y_t - y0) / CELL_MM + 0.5).astype(int)
+    ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    hm = np.full((ny, nx), -np.inf, np.float32)
+    np.maximum.at(hm, (iy[ok], ix[ok]), above[ok].astype(np.float32))
+    return np.where(np.isfinite(hm), hm, np.nan).astype(np.float32), (x0, y0)
+
+
 def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmentation:
     """Find the patient in one capture (see module doc). Raises SegmentationError with the reason."""
     import cv2

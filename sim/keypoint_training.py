@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y, KeypointNet, decode_heatmaps,
-                                   load_keypoint_net, position_from_sides, predict, side_to_anatomy,
-                                   window_input)
+from positioning.keypoints import (FLIP, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y, KeypointNet, Window,
+                                   load_keypoint_net, position_from_sides, read_views, side_to_anatomy,
+                                   view_inputs)
 from positioning.skeleton import JOINT_INDEX
 
 log = logging.getLogger("ctpos.train_keypoints")
@@ -35,7 +35,9 @@ _MODEL = None
 
 
 def _sample(seed: int):
-    """(input (2,256,64) float16, cells (K,2), heights (K,), position) for one simulated capture, or None."""
+    """(views (2,2,256,64) float16, their windows' origins (2,2), cells (K,2) in the first view's window,
+    heights (K,), position) for one simulated capture, or None. The network trains on the first view (the
+    segmentation's own grid); evaluate() reads both, as detect_keypoints does."""
     global _MODEL
     from positioning.bodymodel import load_body_model
     from positioning.segment import SegmentationError, segment_patient
@@ -50,21 +52,22 @@ def _sample(seed: int):
         seg = segment_patient(cap)
     except SegmentationError:
         return None
-    x, win = window_input(seg)
+    views, wins = view_inputs(seg, cap.scene.table_longitudinal_mm)
     j = truth["joints_scanner_mm"]
     pts = np.array([j[n] for n in KEYPOINTS])
     xy_t = np.column_stack([pts[:, 0], pts[:, 1] - cap.scene.table_longitudinal_mm])
-    cells = win.to_cells(xy_t)
-    return x.astype(np.float16), cells.astype(np.float32), (pts[:, 2] - seg.support_z_s).astype(np.float32), \
-        truth["patient_position"]
+    cells = wins[0].to_cells(xy_t)
+    return views.astype(np.float16), np.array([[w.x0, w.y0] for w in wins], np.float32), cells.astype(np.float32), \
+        (pts[:, 2] - seg.support_z_s).astype(np.float32), truth["patient_position"]
 
 
 def generate(seeds: list[int], out: Path, workers: int = 2) -> None:
     t = time.perf_counter()
     with mp.get_context("fork").Pool(workers) as pool:
         rows = [r for r in pool.imap(_sample, seeds, chunksize=8) if r is not None]
-    np.savez_compressed(out, x=np.stack([r[0] for r in rows]), cells=np.stack([r[1] for r in rows]),
-                        heights=np.stack([r[2] for r in rows]), position=np.array([r[3] for r in rows]))
+    np.savez_compressed(out, views=np.stack([r[0] for r in rows]), origins=np.stack([r[1] for r in rows]),
+                        cells=np.stack([r[2] for r in rows]), heights=np.stack([r[3] for r in rows]),
+                        position=np.array([r[4] for r in rows]))
     log.info("%d samples -> %s in %.0f s", len(rows), out, time.perf_counter() - t)
 
 
@@ -104,23 +107,19 @@ def _augment(x, cells, heights, rng):
 
 
 def evaluate(net: KeypointNet, data: dict) -> dict:
+    """Errors on held-out captures as detect_keypoints reads them: both views (positioning/keypoints.py VIEWS)."""
     net.eval()
     errs, herrs, pos_ok = [], [], []
-    with torch.no_grad():
-        for b in range(0, len(data["x"]), 64):
-            x = torch.as_tensor(data["x"][b:b + 64].astype(np.float32))
-            heat, height, prone = predict(net, x)
-            k = {n: i for i, n in enumerate(KEYPOINTS)}
-            for n in range(len(x)):
-                cells, hts, _ = decode_heatmaps(heat[n], height[n])
-                # Rows run along y_T: the head's row against the pelvis's gives the head direction.
-                pos = position_from_sides(cells[k["head"], 0], cells[k["pelvis"], 0], float(torch.sigmoid(prone[n])))
-                order = list(side_to_anatomy(pos))
-                cells, hts = cells[order], hts[order]
-                gt = data["cells"][b + n]
-                errs.append(np.linalg.norm(cells - gt, axis=1) * 10.0)
-                herrs.append(np.abs(hts - data["heights"][b + n]))
-                pos_ok.append(pos == data["position"][b + n])
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    for n in range(len(data["views"])):
+        wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n]]
+        xy_t, hts, _, p_prone = read_views(net, data["views"][n].astype(np.float32), wins)
+        pos = position_from_sides(xy_t[k["head"], 1], xy_t[k["pelvis"], 1], p_prone)
+        order = list(side_to_anatomy(pos))
+        xy_t, hts = xy_t[order], hts[order]
+        errs.append(np.linalg.norm(xy_t - wins[0].to_table(data["cells"][n]), axis=1))
+        herrs.append(np.abs(hts - data["heights"][n]))
+        pos_ok.append(pos == data["position"][n])
     e, h = np.array(errs), np.array(herrs)
     e3 = np.sqrt(e ** 2 + h ** 2)
     return {"n": int(len(e)), "pck_50mm": float((e < 50).mean()), "pck_100mm": float((e < 100).mean()),
@@ -134,7 +133,7 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tr, te = dict(np.load(train_npz)), dict(np.load(test_npz))
-    x_all = torch.as_tensor(tr["x"].astype(np.float32))
+    x_all = torch.as_tensor(tr["views"][:, 0].astype(np.float32))
     cells, heights = side_labels(tr["cells"], tr["heights"], tr["position"])
     c_all = torch.as_tensor(cells)
     h_all = torch.as_tensor(heights / 300.0)
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.data.mkdir(parents=True, exist_ok=True)
-    tr, te = args.data / f"train-{args.train}.npz", args.data / f"test-{args.test}.npz"
+    tr, te = args.data / f"train-{args.train}-views.npz", args.data / f"test-{args.test}-views.npz"
     if not tr.exists() and not args.evaluate:
         generate([TRAIN_SEED0 + i for i in range(args.train)], tr, args.workers)
     if not te.exists():

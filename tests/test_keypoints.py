@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from positioning.capture import read_capture, read_truth
-from positioning.keypoints import (FLIP, KEYPOINTS, detect_keypoints, load_keypoint_net, position_from_sides,
-                                   predict, side_to_anatomy, window_input)
+from positioning.keypoints import (FLIP, KEYPOINTS, VIEWS_AGREE_MM, combine_views, detect_keypoints,
+                                   load_keypoint_net, position_from_sides, predict, side_to_anatomy, window_input)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
-from positioning.segment import segment_patient
+from positioning.segment import CELL_MM, segment_patient, shifted_height_map
 from sim.keypoint_training import _augment, side_labels
 
 
@@ -89,7 +89,8 @@ def test_augmented_labels_stay_on_their_cells():
 def test_flip_averaged_prediction_follows_a_flipped_window(sim_cases, keypoint_net, flip_dims):
     """predict() of a flipped window is predict() of the window flipped the same way (sides swapped when
     mirrored across): the mean runs over the same four flips, each turned back correctly."""
-    x, _ = window_input(segment_patient(read_capture(sim_cases[0])))
+    seg = segment_patient(read_capture(sim_cases[0]))
+    x, _ = window_input(seg.heightmap, seg.heightmap_origin_t)
     x = torch.as_tensor(x)[None]
     heat, height, prone = predict(keypoint_net, x)
     heat_f, height_f, prone_f = predict(keypoint_net, x.flip(flip_dims))
@@ -102,10 +103,49 @@ def test_flip_averaged_prediction_follows_a_flipped_window(sim_cases, keypoint_n
 def test_window_is_centred_on_the_patient(sim_cases):
     cap = read_capture(sim_cases[0])
     seg = segment_patient(cap)
-    x, win = window_input(seg)
+    x, win = window_input(seg.heightmap, seg.heightmap_origin_t)
     assert x.shape == (2, 256, 64) and x[1].sum() > 2000
     rows = np.nonzero(x[1].any(1))[0]
     assert abs((rows.min() + rows.max()) / 2 - 128) < 3
+
+
+def test_the_shifted_height_map_unshifted_is_the_segmentations(sim_cases):
+    """The second view's rasteriser on the segmentation's own grid gives the segmentation's height map, cell for cell."""
+    cap = read_capture(sim_cases[0])
+    seg = segment_patient(cap)
+    hm, origin = shifted_height_map(seg, cap.scene.table_longitudinal_mm, 0.0)
+    assert origin == seg.heightmap_origin_t
+    np.testing.assert_allclose(hm[:-1, :-1], seg.heightmap, atol=1e-3)  # NaN where NaN; float32 points
+    assert np.isnan(hm[-1]).all() and np.isnan(hm[:, -1]).all()
+
+
+def test_the_half_cell_view_holds_each_point_in_its_nearest_cell(sim_cases):
+    cap = read_capture(sim_cases[0])
+    seg = segment_patient(cap)
+    hm, (x0, y0) = shifted_height_map(seg, cap.scene.table_longitudinal_mm, CELL_MM / 2)
+    assert (x0, y0) == (seg.heightmap_origin_t[0] - CELL_MM / 2, seg.heightmap_origin_t[1] - CELL_MM / 2)
+    p = seg.points_s.astype(np.float64)
+    i = np.rint((p[:, 1] - cap.scene.table_longitudinal_mm - y0) / CELL_MM).astype(int)
+    j = np.rint((p[:, 0] - x0) / CELL_MM).astype(int)
+    above = p[:, 2] - seg.support_z_s
+    assert np.all(hm[i, j] >= above - 1e-3)  # no point stands above its cell
+    top = np.full(hm.shape, -np.inf)
+    np.maximum.at(top, (i, j), above)
+    np.testing.assert_allclose(hm[np.isfinite(top)], top[np.isfinite(top)], atol=1e-3)  # each cell its highest
+    assert np.isnan(hm[~np.isfinite(top)]).all()
+
+
+def test_views_average_where_they_agree_and_take_the_surer_where_not():
+    xy = np.zeros((2, 3, 2))
+    xy[1, 0] = [6.0, -8.0]  # 10 mm apart: averaged
+    xy[1, 1] = [0.0, VIEWS_AGREE_MM + 1]  # apart: the surer view's
+    xy[0, 2], xy[1, 2] = [100.0, 0.0], [0.0, 200.0]
+    hts = np.array([[50.0, 60.0, 70.0], [60.0, 90.0, 10.0]])
+    conf = np.array([[0.9, 0.4, 0.8], [0.7, 0.6, 0.2]])
+    p, h, c = combine_views(xy, hts, conf)
+    np.testing.assert_allclose(p, [[3.0, -4.0], [0.0, VIEWS_AGREE_MM + 1], [100.0, 0.0]])
+    np.testing.assert_allclose(h, [55.0, 90.0, 70.0])
+    np.testing.assert_allclose(c, [0.8, 0.5, 0.5])
 
 
 def test_committed_network_finds_keypoints_near_the_truth(sim_cases):
