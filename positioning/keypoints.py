@@ -193,10 +193,11 @@ class Keypoints:
     prone_probability: float
 
 
-def predict(net: KeypointNet, x: torch.Tensor,
-            flips: tuple[tuple[bool, bool], ...] = FLIPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The network on windows x (B, 2, 256, 64), each output the mean over the window's flips (all of FLIPS unless told).
+def predict(net: KeypointNet, x: torch.Tensor, flips: list[tuple[tuple[bool, bool], ...]] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The network on windows x (B, 2, 256, 64), each output the mean over the window's flips, in one batch.
 
+    flips: per window, the flips to average (all of FLIPS for every window unless told).
     Returns heatmap logits (B, K, 128, 32), heights (B, K, 128, 32) (/ HEIGHT_SCALE_MM) and prone logits (B,),
     side-named like the network's. Each flipped pass is flipped back (and its sides swapped where the flip
     mirrors across the table) before the mean. The network was trained on all four flips, so each is as
@@ -204,21 +205,27 @@ def predict(net: KeypointNet, x: torch.Tensor,
     a single pass gets wrong in a direction a flip reverses (docs/perception.md: v2's 5 mm shift across
     the table, learnt from flipped training windows whose labels lay a cell off).
     """
-    b = x.shape[0]
-    dims = [[d for d, f in ((2, r), (3, c)) if f] for r, c in flips]
-    xs = torch.cat([x.flip(d) if d else x for d in dims])
+    flips = flips or [FLIPS] * x.shape[0]
+    runs = [(b, [d for d, f in ((1, r), (2, c)) if f], c) for b, fl in enumerate(flips) for r, c in fl]
+    xs = torch.stack([x[b].flip(d) if d else x[b] for b, d, _ in runs])
     with torch.no_grad():
         heat, height, prone = net(xs.contiguous(memory_format=torch.channels_last))
-    heats, heights = [], []
-    for n, ((_, across), d) in enumerate(zip(flips, dims)):
-        h, e = heat[n * b:(n + 1) * b], height[n * b:(n + 1) * b]
-        if d:
-            h, e = h.flip(d), e.flip(d)
-        if across:  # mirrored across the table: each limb lay on the other side
-            h, e = h[:, list(FLIP)], e[:, list(FLIP)]
-        heats.append(h)
-        heights.append(e)
-    return torch.stack(heats).mean(0), torch.stack(heights).mean(0), prone.reshape(len(flips), b).mean(0)
+    out = []
+    for b in range(x.shape[0]):
+        hs, es, ps = [], [], []
+        for n, (bn, d, across) in enumerate(runs):
+            if bn != b:
+                continue
+            h, e = heat[n], height[n]
+            if d:
+                h, e = h.flip(d), e.flip(d)
+            if across:  # mirrored across the table: each limb lay on the other side
+                h, e = h[list(FLIP)], e[list(FLIP)]
+            hs.append(h)
+            es.append(e)
+            ps.append(prone[n])
+        out.append((torch.stack(hs).mean(0), torch.stack(es).mean(0), torch.stack(ps).mean(0)))
+    return tuple(torch.stack(t) for t in zip(*out))
 
 
 def combine_views(xy_t: np.ndarray, heights: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,16 +247,14 @@ def read_views(net: KeypointNet, xs: np.ndarray, windows: list[Window]) -> tuple
     Returns side-named keypoints (``combine_views``): (K, 2) (x_T, y_T) mm, (K,) heights above the support mm,
     (K,) confidences; and the prone probability (of the views' mean logit).
     """
-    xy, hts, conf, prone = [], [], [], []
-    for (_, flips), x, win in zip(VIEWS, xs, windows):
-        heat, height, p = predict(net, torch.as_tensor(x)[None], flips)
-        cells, h, c = decode_heatmaps(heat[0], height[0])
+    heat, height, prone = predict(net, torch.as_tensor(xs), [flips for _, flips in VIEWS])
+    xy, hts, conf = [], [], []
+    for v, win in enumerate(windows):
+        cells, h, c = decode_heatmaps(heat[v], height[v])
         xy.append(win.to_table(cells))
         hts.append(h)
         conf.append(c)
-        prone.append(float(p[0]))
-    return (*combine_views(np.array(xy), np.array(hts), np.array(conf)),
-            float(torch.sigmoid(torch.tensor(np.mean(prone)))))
+    return (*combine_views(np.array(xy), np.array(hts), np.array(conf)), float(torch.sigmoid(prone.mean())))
 
 
 def detect_keypoints(seg: Segmentation, table_height_mm: float, table_longitudinal_mm: float,
