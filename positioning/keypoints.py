@@ -44,8 +44,8 @@ WEIGHTS = Path(__file__).parent / "data" / "keypoints_v3.pt"
 # The views detect_keypoints averages: the height map on its own grid and on one moved half a cell along and across
 # the table (which points share a cell, and so the sensor's noise the network sees, differs between the two), each
 # through two of FLIPS that undo each other's bias (as it is with turned end to end; mirrored across with mirrored
-# along). On 30 tuning patients (seeds 50,100,000+) with fresh sensor noise only, the keypoints along the table
-# varied 4.0-5.6 mm (robust sd) against 5.3-6.9 mm with one grid's four flips, at the same four passes.
+# along). At the same four passes as one grid's four flips: 300 held-out windows 14.0 -> 13.2 mm (3D median); 30 tuning
+# patients with fresh sensor noise only, keypoints along the table 5.3-6.9 -> 4.0-5.6 mm (robust sd; docs/perception.md).
 VIEWS = ((0.0, ((False, False), (True, True))), (CELL_MM / 2, ((False, True), (True, False))))
 # Two views' keypoints further apart than this (mm, on the table) are not averaged: the surer one is taken.
 VIEWS_AGREE_MM = 30.0

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from positioning.capture import read_capture, read_truth
-from positioning.keypoints import (FLIP, KEYPOINTS, VIEWS_AGREE_MM, combine_views, detect_keypoints,
-                                   load_keypoint_net, position_from_sides, predict, side_to_anatomy, window_input)
+from positioning.keypoints import (FLIP, KEYPOINTS, VIEWS, VIEWS_AGREE_MM, combine_views, detect_keypoints,
+                                   load_keypoint_net, position_from_sides, predict, side_to_anatomy, view_inputs,
+                                   window_input)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.segment import CELL_MM, segment_patient, shifted_height_map
 from sim.keypoint_training import _augment, side_labels
@@ -98,6 +99,19 @@ def test_flip_averaged_prediction_follows_a_flipped_window(sim_cases, keypoint_n
     assert torch.allclose(heat_f, heat.flip(flip_dims)[:, swap], atol=1e-4)
     assert torch.allclose(height_f, height.flip(flip_dims)[:, swap], atol=1e-5)
     assert torch.allclose(prone_f, prone, atol=1e-5)
+
+
+def test_views_in_one_batch_are_each_views_own_passes(sim_cases, keypoint_net):
+    """predict() with each window's own flips, batched, gives what each window gives alone through its flips."""
+    cap = read_capture(sim_cases[0])
+    xs, _ = view_inputs(segment_patient(cap), cap.scene.table_longitudinal_mm)
+    xs = torch.as_tensor(xs)
+    heat, height, prone = predict(keypoint_net, xs, [flips for _, flips in VIEWS])
+    for v, (_, flips) in enumerate(VIEWS):
+        h, e, p = predict(keypoint_net, xs[v:v + 1], [flips])
+        assert torch.allclose(heat[v], h[0], atol=1e-4) and torch.allclose(height[v], e[0], atol=1e-5)
+        assert torch.allclose(prone[v], p[0], atol=1e-5)
+    assert not torch.allclose(heat[0], heat[1], atol=1e-2)  # two different looks
 
 
 def test_window_is_centred_on_the_patient(sim_cases):
