@@ -44,8 +44,9 @@ WEIGHTS = Path(__file__).parent / "data" / "keypoints_v3.pt"
 # The views detect_keypoints averages: the height map on its own grid and on one moved half a cell along and across
 # the table (which points share a cell, and so the sensor's noise the network sees, differs between the two), each
 # through two of FLIPS that undo each other's bias (as it is with turned end to end; mirrored across with mirrored
-# along). At the same four passes as one grid's four flips: 300 held-out windows 14.0 -> 13.2 mm (3D median); 30 tuning
-# patients with fresh sensor noise only, keypoints along the table 5.3-6.9 -> 4.0-5.6 mm (robust sd; docs/perception.md).
+# along). At the same four passes as one grid's four flips: 300 held-out windows 14.0 -> 13.2 mm (3D median); with a
+# first version, 30 tuning patients with fresh sensor noise only: keypoints along the table 5.3-6.9 -> 4.0-5.6 mm
+# (robust sd; docs/perception.md).
 VIEWS = ((0.0, ((False, False), (True, True))), (CELL_MM / 2, ((False, True), (True, False))))
 # Two views' keypoints further apart than this (mm, on the table) are not averaged: the surer one is taken.
 VIEWS_AGREE_MM = 30.0
@@ -210,22 +211,22 @@ def predict(net: KeypointNet, x: torch.Tensor, flips: list[tuple[tuple[bool, boo
     xs = torch.stack([x[b].flip(d) if d else x[b] for b, d, _ in runs])
     with torch.no_grad():
         heat, height, prone = net(xs.contiguous(memory_format=torch.channels_last))
-    out = []
-    for b in range(x.shape[0]):
-        hs, es, ps = [], [], []
-        for n, (bn, d, across) in enumerate(runs):
-            if bn != b:
-                continue
-            h, e = heat[n], height[n]
-            if d:
-                h, e = h.flip(d), e.flip(d)
-            if across:  # mirrored across the table: each limb lay on the other side
-                h, e = h[list(FLIP)], e[list(FLIP)]
-            hs.append(h)
-            es.append(e)
-            ps.append(prone[n])
-        out.append((torch.stack(hs).mean(0), torch.stack(es).mean(0), torch.stack(ps).mean(0)))
-    return tuple(torch.stack(t) for t in zip(*out))
+    heats, heights = [], []
+    for n, (_, d, across) in enumerate(runs):
+        h, e = heat[n], height[n]
+        if d:
+            h, e = h.flip(d), e.flip(d)
+        if across:  # mirrored across the table: each limb lay on the other side
+            h, e = h[list(FLIP)], e[list(FLIP)]
+        heats.append(h)
+        heights.append(e)
+    # Each window's passes are consecutive in runs: the mean over each window's slice.
+    ends = np.cumsum([0] + [len(fl) for fl in flips])
+
+    def per_window(t: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.stack(t[i:j]).mean(0) for i, j in zip(ends, ends[1:])])
+
+    return per_window(heats), per_window(heights), per_window(list(prone))
 
 
 def combine_views(xy_t: np.ndarray, heights: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
