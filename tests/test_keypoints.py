@@ -11,7 +11,8 @@ from positioning.keypoints import (FLIP, KEYPOINTS, VIEWS, VIEWS_AGREE_MM, combi
                                    window_input)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.segment import CELL_MM, segment_patient, shifted_height_map
-from sim.keypoint_training import _augment, side_labels
+from positioning.keypoints import Window
+from sim.keypoint_training import _augment, _local_soft_argmax, _targets, renoise, side_labels, view_cells
 
 
 def test_flip_swaps_left_and_right_only():
@@ -84,6 +85,55 @@ def test_augmented_labels_stay_on_their_cells():
         assert torch.equal(xa[0, 0, ij[:, 0], ij[:, 1]], h[0])
         seen.add(tuple(c[0, 0].tolist()))
     assert len(seen) == 4  # all four flips drawn
+
+
+def test_a_scenes_views_are_flipped_alike():
+    """With group=2 both windows of a capture (its two views) take the same flips, and their labels follow."""
+    rng = np.random.default_rng(2)
+    cells = np.column_stack([rng.integers(0, 256, len(KEYPOINTS)), rng.integers(0, 64, len(KEYPOINTS))])
+    x = torch.zeros(8, 2, 256, 64)
+    marks = torch.arange(1, len(KEYPOINTS) + 1, dtype=torch.float32) / 100.0
+    x[:, 0, cells[:, 0], cells[:, 1]] = marks
+    xa, c, h = _augment(x, torch.as_tensor(np.repeat(cells[None], 8, 0), dtype=torch.float32),
+                        marks.repeat(8, 1), rng, group=2)
+    assert torch.equal(xa[0::2], xa[1::2]) and torch.equal(c[0::2], c[1::2])
+    assert len({tuple(c[b, 0].tolist()) for b in range(0, 8, 2)}) > 1  # groups differ from each other
+
+
+def test_view_cells_name_the_same_table_point_in_every_view():
+    rng = np.random.default_rng(3)
+    origins = np.array([[[-315.0, -1270.0], [-310.0, -1265.0]]])
+    cells0 = rng.uniform(0, 64, (1, len(KEYPOINTS), 2))
+    vc = view_cells(cells0, origins)
+    pts = [Window(*origins[0, v]).to_table(vc[0, v]) for v in range(2)]
+    np.testing.assert_allclose(pts[0], pts[1], atol=1e-9)
+    np.testing.assert_allclose(vc[0, 0], cells0[0])
+
+
+def test_renoise_touches_only_the_body_and_keeps_its_size():
+    """Fresh noise lands on occupied cells only; holes remove at most 4 % of them; heights move by millimetres."""
+    rng = np.random.default_rng(4)
+    x = torch.zeros(16, 2, 256, 64)
+    x[:, 0, 40:220, 16:48] = 150.0 / 300.0
+    x[:, 1, 40:220, 16:48] = 1.0
+    y = renoise(x, rng)
+    body = x[:, 1] > 0
+    assert torch.count_nonzero(y[:, :, ~body[0]]) == 0
+    lost = (body & (y[:, 1] == 0)).sum((1, 2)).float() / body.sum((1, 2))
+    assert lost.max() <= 0.041 and lost.max() > 0
+    kept = body & (y[:, 1] > 0)
+    moved = (y[:, 0] - x[:, 0]).abs()[kept] * 300.0
+    assert 0.1 < float(moved.median()) < 10.0
+    assert torch.equal(renoise(x, np.random.default_rng(4)), y)  # one seed, one draw
+
+
+def test_soft_argmax_reads_a_target_heatmap_back_to_its_cell():
+    """The training's differentiable read-out of a heatmap drawn by _targets returns the cells it was drawn at."""
+    rng = np.random.default_rng(5)
+    cells = torch.as_tensor(rng.uniform([10, 10], [246, 54], (3, len(KEYPOINTS), 2)), dtype=torch.float32)
+    tgt = _targets(cells).clamp(1e-6, 1 - 1e-6)
+    got = _local_soft_argmax(torch.logit(tgt), cells)
+    assert torch.allclose(got, cells, atol=0.1)  # the window rounds to whole cells around the target: < 1 mm
 
 
 @pytest.mark.parametrize("flip_dims", [(3,), (2, 3), (2,)])
