@@ -15,7 +15,7 @@ patient's left needs the whole body (head direction and supine/prone), so the
 network answers that once, globally, and ``detect_keypoints`` turns sides into
 anatomy (``side_to_anatomy``). (v1 predicted anatomical labels directly and swapped
 limbs whose neighbourhood could not show which way the body pointed.)
-Weights: positioning/data/keypoints_v3.pt, trained by ``python -m sim.keypoint_training``.
+Weights: positioning/data/keypoints_v4.pt, trained by ``python -m sim.keypoint_training``.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ HEIGHT_SCALE_MM = 300.0
 # The flips of a window the network was trained on (sim/keypoint_training.py), as (rows reversed, columns
 # reversed): as it is, mirrored across the table, turned end to end, and mirrored along it.
 FLIPS = ((False, False), (False, True), (True, True), (True, False))
-WEIGHTS = Path(__file__).parent / "data" / "keypoints_v3.pt"
+WEIGHTS = Path(__file__).parent / "data" / "keypoints_v4.pt"
 # The views detect_keypoints averages: the height map on its own grid and on one moved half a cell along and across
 # the table (which points share a cell, and so the sensor's noise the network sees, differs between the two), each
 # through two of FLIPS that undo each other's bias (as it is with turned end to end; mirrored across with mirrored
@@ -50,6 +50,10 @@ WEIGHTS = Path(__file__).parent / "data" / "keypoints_v3.pt"
 VIEWS = ((0.0, ((False, False), (True, True))), (CELL_MM / 2, ((False, True), (True, False))))
 # Two views' keypoints further apart than this (mm, on the table) are not averaged: the surer one is taken.
 VIEWS_AGREE_MM = 30.0
+# Half-resolution cells (20 mm) around a heatmap's peak that its soft-argmax reads: v4 was trained to place its
+# keypoints with this read-out (sim/keypoint_training.py). 300 held-out windows, v4: 3D median 12.5 mm read
+# within 2 cells (v3's 5 x 5), 10.4 mm within 4 (docs/perception.md).
+DECODE_RADIUS = 4
 # Patient positions that put the patient's left on the +x side of the table.
 LEFT_AT_PLUS_X = {"HFS": True, "FFP": True, "FFS": False, "HFP": False}
 
@@ -154,7 +158,7 @@ def load_keypoint_net(path: Path = WEIGHTS) -> KeypointNet:
 def decode_heatmaps(heat: torch.Tensor, height: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(K, H, W) logits -> cell coordinates (K, 2) at input resolution, heights (K,) in mm, confidences (K,).
 
-    Soft-argmax in a 5x5 neighbourhood of each peak; confidence is the peak's sigmoid.
+    Soft-argmax within DECODE_RADIUS half-resolution cells of each peak; confidence is the peak's sigmoid.
     """
     k, h, w = heat.shape
     flat = heat.reshape(k, -1)
@@ -163,9 +167,10 @@ def decode_heatmaps(heat: torch.Tensor, height: torch.Tensor) -> tuple[np.ndarra
     prob = torch.sigmoid(heat).numpy()
     coords = np.zeros((k, 2))
     hts = np.zeros(k)
+    r = DECODE_RADIUS
     for n in range(k):
-        i0, i1 = max(pi[n] - 2, 0), min(pi[n] + 3, h)
-        j0, j1 = max(pj[n] - 2, 0), min(pj[n] + 3, w)
+        i0, i1 = max(pi[n] - r, 0), min(pi[n] + r + 1, h)
+        j0, j1 = max(pj[n] - r, 0), min(pj[n] + r + 1, w)
         p = prob[n, i0:i1, j0:j1]
         ii, jj = np.mgrid[i0:i1, j0:j1]
         s = p.sum() + 1e-9

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from positioning.keypoints import (FLIP, HEIGHT_SCALE_MM, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y, KeypointNet, Window,
-                                   load_keypoint_net, position_from_sides, read_views, side_to_anatomy,
-                                   view_inputs)
+from positioning.keypoints import (DECODE_RADIUS, FLIP, HEIGHT_SCALE_MM, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y,
+                                   KeypointNet, Window, load_keypoint_net, position_from_sides, read_views,
+                                   side_to_anatomy, view_inputs)
 from positioning.segment import CELL_MM
 
 log = logging.getLogger("ctpos.train_keypoints")
@@ -143,10 +143,10 @@ def renoise(x: torch.Tensor, rng) -> torch.Tensor:
     return x
 
 
-def _local_soft_argmax(heat: torch.Tensor, cells: torch.Tensor, radius: int = 4) -> torch.Tensor:
+def _local_soft_argmax(heat: torch.Tensor, cells: torch.Tensor, radius: int = DECODE_RADIUS) -> torch.Tensor:
     """(B, K, 128, 32) logits, (B, K, 2) input-resolution target cells -> (B, K, 2) input-resolution cells:
     the sigmoid-weighted mean within ``radius`` half-resolution cells of each target (differentiable;
-    decode_heatmaps reads the same weights around the peak)."""
+    decode_heatmaps reads the same neighbourhood around the peak)."""
     c = (cells - 0.5) / 2.0
     ii = torch.arange(128, dtype=torch.float32)[None, None, :, None]
     jj = torch.arange(32, dtype=torch.float32)[None, None, None, :]
