@@ -54,6 +54,8 @@ VIEWS_AGREE_MM = 30.0
 # keypoints with this read-out (sim/keypoint_training.py). 300 held-out windows, v4: 3D median 12.5 mm read
 # within 2 cells (v3's 5 x 5), 10.4 mm within 4 (docs/perception.md).
 DECODE_RADIUS = 4
+# A pelvis keypoint further than this (mm, on the table) from the hips' midpoint is replaced by it (pelvis_from_hips).
+PELVIS_HIPS_MAX_MM = 100.0
 # Patient positions that put the patient's left on the +x side of the table.
 LEFT_AT_PLUS_X = {"HFS": True, "FFP": True, "FFS": False, "HFP": False}
 
@@ -247,10 +249,27 @@ def combine_views(xy_t: np.ndarray, heights: np.ndarray, conf: np.ndarray) -> tu
             conf.mean(0))
 
 
+def pelvis_from_hips(xy_t: np.ndarray, heights: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, 2) mm, (K,) mm, (K,) keypoints -> the same, the pelvis put at the hips' midpoint where it lies further
+    than PELVIS_HIPS_MAX_MM from it (its confidence then the lower hip's).
+
+    The pelvis joint lies between the hips in every body (26 mm at most from their midpoint in 300 held-out captures);
+    a pelvis peak elsewhere is the network's error, and one 420 mm up the trunk dragged a whole fit there (tuning
+    seed 50,000,082, v4; docs/perception.md)."""
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    hips = [k["left_hip"], k["right_hip"]]
+    mid = xy_t[hips].mean(0)
+    if np.linalg.norm(xy_t[k["pelvis"]] - mid) <= PELVIS_HIPS_MAX_MM:
+        return xy_t, heights, conf
+    xy_t, heights, conf = xy_t.copy(), heights.copy(), conf.copy()
+    xy_t[k["pelvis"]], heights[k["pelvis"]], conf[k["pelvis"]] = mid, heights[hips].mean(), conf[hips].min()
+    return xy_t, heights, conf
+
+
 def read_views(net: KeypointNet, xs: np.ndarray, windows: list[Window]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The network on each view's window (xs (len(VIEWS), 2, 256, 64), ``view_inputs``) through the view's flips.
 
-    Returns side-named keypoints (``combine_views``): (K, 2) (x_T, y_T) mm, (K,) heights above the support mm,
+    Returns side-named keypoints (``combine_views``, then ``pelvis_from_hips``): (K, 2) (x_T, y_T) mm, (K,) heights above the support mm,
     (K,) confidences; and the prone probability (of the views' mean logit).
     """
     heat, height, prone = predict(net, torch.as_tensor(xs), [flips for _, flips in VIEWS])
@@ -260,7 +279,8 @@ def read_views(net: KeypointNet, xs: np.ndarray, windows: list[Window]) -> tuple
         xy.append(win.to_table(cells))
         hts.append(h)
         conf.append(c)
-    return (*combine_views(np.array(xy), np.array(hts), np.array(conf)), float(torch.sigmoid(prone.mean())))
+    return (*pelvis_from_hips(*combine_views(np.array(xy), np.array(hts), np.array(conf))),
+            float(torch.sigmoid(prone.mean())))
 
 
 def detect_keypoints(seg: Segmentation, table_height_mm: float, table_longitudinal_mm: float,

@@ -11,7 +11,7 @@ from positioning.keypoints import (FLIP, KEYPOINTS, VIEWS, VIEWS_AGREE_MM, combi
                                    window_input)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.segment import CELL_MM, segment_patient, shifted_height_map
-from positioning.keypoints import Window
+from positioning.keypoints import PELVIS_HIPS_MAX_MM, Window, pelvis_from_hips
 from sim.keypoint_training import _augment, _local_soft_argmax, _targets, renoise, side_labels, view_cells
 
 
@@ -85,6 +85,20 @@ def test_augmented_labels_stay_on_their_cells():
         assert torch.equal(xa[0, 0, ij[:, 0], ij[:, 1]], h[0])
         seen.add(tuple(c[0, 0].tolist()))
     assert len(seen) == 4  # all four flips drawn
+
+
+def test_a_pelvis_away_from_the_hips_is_put_between_them():
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    xy = np.zeros((len(KEYPOINTS), 2))
+    xy[k["left_hip"]], xy[k["right_hip"]] = (90.0, 0.0), (-90.0, 20.0)
+    hts, conf = np.full(len(KEYPOINTS), 100.0), np.full(len(KEYPOINTS), 0.9)
+    hts[k["pelvis"]], conf[k["right_hip"]] = 300.0, 0.6
+    xy[k["pelvis"]] = (5.0, 10.0 + PELVIS_HIPS_MAX_MM - 10)  # near enough: kept
+    np.testing.assert_array_equal(pelvis_from_hips(xy, hts, conf)[0], xy)
+    xy[k["pelvis"]] = (0.0, 420.0)  # up the trunk: the network's error
+    got, h, c = pelvis_from_hips(xy, hts, conf)
+    np.testing.assert_allclose(got[k["pelvis"]], (0.0, 10.0))
+    assert h[k["pelvis"]] == 100.0 and c[k["pelvis"]] == 0.6 and xy[k["pelvis"], 1] == 420.0  # input untouched
 
 
 def test_a_scenes_views_are_flipped_alike():
