@@ -269,8 +269,8 @@ def pelvis_from_hips(xy_t: np.ndarray, heights: np.ndarray, conf: np.ndarray) ->
 def read_views(net: KeypointNet, xs: np.ndarray, windows: list[Window]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The network on each view's window (xs (len(VIEWS), 2, 256, 64), ``view_inputs``) through the view's flips.
 
-    Returns side-named keypoints (``combine_views``, then ``pelvis_from_hips``): (K, 2) (x_T, y_T) mm, (K,) heights above the support mm,
-    (K,) confidences; and the prone probability (of the views' mean logit).
+    Returns side-named keypoints (``combine_views``, then ``pelvis_from_hips``): (K, 2) (x_T, y_T) mm,
+    (K,) heights above the support mm, (K,) confidences; and the prone probability (of the views' mean logit).
     """
     heat, height, prone = predict(net, torch.as_tensor(xs), [flips for _, flips in VIEWS])
     xy, hts, conf = [], [], []
