@@ -1,13 +1,13 @@
 """Train the depth keypoint network on simulated captures: one reproducible command, CPU only.
 
-    python -m sim.keypoint_training --train 2400 --test 300 --epochs 30
+    python -m sim.keypoint_training --train 3000 --test 300 --epochs 12
 
 1. Simulates captures across all poses, body types, blankets and camera mounts the
    simulator offers (training seeds and held-out seeds never overlap), segments each
-   with the production code and cuts its height-map window; the truth keypoints go
-   into the same window. Cached in ``--data``.
-2. Trains ``positioning.keypoints.KeypointNet`` (AdamW, heatmap BCE + height L1 +
-   prone BCE). Paired keypoints are labelled by side (+x_T / -x_T), so both
+   with the production code and cuts both views' height-map windows; the truth keypoints go
+   into the same windows. Cached in ``--data``.
+2. Trains ``positioning.keypoints.KeypointNet`` on both views with fresh noise (AdamW, heatmap BCE +
+   height L1 + prone BCE + the keypoint-place losses; ``train``). Paired keypoints are labelled by side (+x_T / -x_T), so both
    augmentations, a half turn and a mirror across the table, swap the paired channels;
    neither changes supine/prone.
 3. Reports PCK and errors on the held-out captures and writes the weights.
@@ -38,8 +38,8 @@ _MODEL = None
 
 def _sample(seed: int):
     """(views (2,2,256,64) float16, their windows' origins (2,2), cells (K,2) in the first view's window,
-    heights (K,), position) for one simulated capture, or None. The network trains on the first view (the
-    segmentation's own grid); evaluate() reads both, as detect_keypoints does."""
+    heights (K,), position) for one simulated capture, or None. The network trains on both views
+    (``train``); evaluate() reads both, as detect_keypoints does."""
     global _MODEL
     from positioning.bodymodel import load_body_model
     from positioning.segment import SegmentationError, segment_patient
@@ -245,9 +245,9 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=2400)
+    ap.add_argument("--train", type=int, default=3000)
     ap.add_argument("--test", type=int, default=300)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--data", type=Path, default=Path("bench/out/keypoint-data"))
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--report", type=Path, default=Path("docs/keypoints-report.json"))
