@@ -232,14 +232,39 @@ def _small_rot(v: torch.Tensor) -> torch.Tensor:
     return batch_rodrigues(v)
 
 
-def _keypoint_yaw(kp: np.ndarray, conf: np.ndarray) -> float:
-    """Angle (rad) of the pelvis->neck direction against +y_S, folded into (-pi/2, pi/2] like the principal axis."""
-    d = kp[J["neck"], :2] - kp[J["pelvis"], :2]
-    if min(conf[J["neck"]], conf[J["pelvis"]]) < 0.3 or np.linalg.norm(d) < 1e-6:
-        return 0.0
-    if d[1] < 0:
-        d = -d
-    return float(np.arctan2(-d[0], d[1]))
+# The body's midline as keypoints give it: single joints and the middles of left-right pairs (a mirrored
+# hypothesis, supine for prone, has the same midline). PLACE_MIN_CONF: a keypoint surer than this counts.
+MIDLINE = (("pelvis",), ("left_hip", "right_hip"), ("neck",), ("left_shoulder", "right_shoulder"), ("head",))
+PLACE_MIN_CONF = 0.3
+
+
+def _midline(joints: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, 2) x, y of the MIDLINE points whose joints are all surer than PLACE_MIN_CONF, and their indices."""
+    keep = [i for i, names in enumerate(MIDLINE) if all(conf[J[n]] > PLACE_MIN_CONF for n in names)]
+    return np.array([np.mean([joints[J[n], :2] for n in MIDLINE[i]], 0) for i in keep]).reshape(-1, 2), \
+        np.array(keep, dtype=int)
+
+
+def _keypoint_placement(model_joints: np.ndarray, kp: np.ndarray, conf: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """Yaw (rad, folded into (-pi/2, pi/2] like the principal axis) and x, y of the root joint that lay the model's
+    midline on the keypoints' one; None with fewer than three midline keypoints.
+
+    model_joints (24, 3), root at the origin, and kp (24, 3): one unit, frame S. A rotation, scale and shift by
+    OpenCV's least-median-of-squares estimate: any one midline keypoint may be anywhere (a pelvis 420 mm up the trunk
+    put the whole fit there when it alone placed the body; docs/perception.md), and the scale takes the body's size.
+    """
+    import cv2
+
+    dst, keep = _midline(kp, conf)
+    if len(keep) < 3:
+        return None
+    src = np.array([np.mean([model_joints[J[n], :2] for n in MIDLINE[i]], 0) for i in keep])
+    a, _ = cv2.estimateAffinePartial2D(src.astype(np.float32), dst.astype(np.float32), method=cv2.LMEDS)
+    if a is None:
+        return None
+    yaw = float(np.arctan2(a[1, 0], a[0, 0]))
+    yaw = yaw - np.pi if yaw > np.pi / 2 else (yaw + np.pi if yaw <= -np.pi / 2 else yaw)
+    return yaw, a[:, 2].astype(np.float64)
 
 
 def _principal_yaw(points: np.ndarray) -> float:
@@ -284,11 +309,19 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         hyps = [(p, a) for p in positions for a in arms]
         base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _ in hyps]), dtype=torch.float32)
         pose0 = torch.as_tensor(np.stack([canonical_pose(a) for _, a in hyps]), dtype=torch.float32)
-        yaw0 = _keypoint_yaw(keypoints_s_mm, keypoint_conf) if keypoints_s_mm is not None else _principal_yaw(pts)
+        yaw0 = _principal_yaw(pts)
     h = len(hyps)
+    yaws, roots = np.full(h, yaw0), [None] * h
+    if warm is None and keypoints_s_mm is not None:
+        with torch.no_grad():
+            _, j0 = skin(torch.zeros(h, skin.k), pose0, base)
+        for i in range(h):
+            placed = _keypoint_placement(j0[i].numpy(), keypoints_s_mm / 1000.0, keypoint_conf)
+            if placed is not None:
+                yaws[i], roots[i] = placed
     centre = pts.mean(0)
     # Parameters: yaw, small tilt, translation, betas, pose offset.
-    yaw = torch.full((h,), yaw0, dtype=torch.float32, requires_grad=True)
+    yaw = torch.tensor(yaws, dtype=torch.float32, requires_grad=True)
     tilt = torch.zeros(h, 3, requires_grad=True)
     trans = torch.tensor(np.tile([centre[0], centre[1], support + 0.12], (h, 1)), dtype=torch.float32,
                          requires_grad=True)
@@ -307,14 +340,15 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
             trans[:] = torch.as_tensor(warm.translation_mm / 1000.0, dtype=torch.float32)
         else:
             # Each hypothesis starts with its body's extent over the points' extent (yawed frame),
-            # or with its pelvis on the pelvis keypoint when there is a confident one.
+            # or with its midline on the keypoints' when they give one.
             v, _ = skin(betas, pose0)
             vs = torch.einsum("bij,bvj->bvi", _rot_z(yaw) @ base, v)
             c_pts = torch.as_tensor((pts.min(0) + pts.max(0)) / 2, dtype=torch.float32)
             c_mod = (vs.min(1).values + vs.max(1).values) / 2
             trans[:, :2] = c_pts[:2] - c_mod[:, :2]
-            if keypoints_s_mm is not None and keypoint_conf[J["pelvis"]] > 0.3:
-                trans[:, :2] = torch.as_tensor(keypoints_s_mm[J["pelvis"], :2] / 1000.0, dtype=torch.float32)
+            for i, root in enumerate(roots):
+                if root is not None:
+                    trans[i, :2] = torch.as_tensor(root, dtype=torch.float32)
             trans[:, 2] = support - vs[..., 2].min(1).values
     t_setup = time.perf_counter()
     corr_obs = corr_vis = vis_mask = None
