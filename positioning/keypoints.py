@@ -182,16 +182,28 @@ def decode_heatmaps(heat: torch.Tensor, height: torch.Tensor) -> tuple[np.ndarra
     return coords * 2 + 0.5, hts, prob[np.arange(k), pi, pj]
 
 
-def position_from_sides(head_y: float, pelvis_y: float, prone_probability: float) -> str:
-    """DICOM position: head towards +y (into the gantry) or not, then supine or prone."""
-    return ("HF" if head_y > pelvis_y else "FF") + ("P" if prone_probability > 0.5 else "S")
+# The keypoints above and below the waist (arms left out: raised, the wrists lie beyond the head).
+UPPER, LOWER = ("head", "neck", "left_shoulder", "right_shoulder"), \
+    ("pelvis", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")
+
+
+def position_from_sides(y: np.ndarray, prone_probability: float) -> str:
+    """DICOM position: head towards +y (into the gantry) or not, then supine or prone.
+
+    y: (K,) each keypoint's place along the table (any frame whose y is S's direction), KEYPOINTS order. The head's
+    direction is the median of the UPPER keypoints' against the LOWER ones', so that no one keypoint turns the
+    patient end to end (a head peak found at the feet would, compared with the pelvis alone).
+    """
+    k = {n: i for i, n in enumerate(KEYPOINTS)}
+    upper, lower = np.median(y[[k[n] for n in UPPER]]), np.median(y[[k[n] for n in LOWER]])
+    return ("HF" if upper > lower else "FF") + ("P" if prone_probability > 0.5 else "S")
 
 
 @dataclass(frozen=True)
 class Keypoints:
     """Anatomical keypoints in S: points (K, 3) mm, confidence (K,) 0..1, names KEYPOINTS.
 
-    position: DICOM code from the head-pelvis direction and the prone output;
+    position: DICOM code from the head direction (position_from_sides) and the prone output;
     prone_probability: the network's belief that the patient lies prone.
     """
 
@@ -289,8 +301,7 @@ def detect_keypoints(seg: Segmentation, table_height_mm: float, table_longitudin
     net = net or load_keypoint_net()
     xs, wins = view_inputs(seg, table_longitudinal_mm)
     xy_t, hts, conf, p_prone = read_views(net, xs, wins)
-    k = {n: i for i, n in enumerate(KEYPOINTS)}
-    position = position_from_sides(xy_t[k["head"], 1], xy_t[k["pelvis"], 1], p_prone)
+    position = position_from_sides(xy_t[:, 1], p_prone)
     order = list(side_to_anatomy(position))
     xy_t, hts, conf = xy_t[order], hts[order], conf[order]
     z_s = seg.support_z_s + hts

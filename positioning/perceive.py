@@ -72,7 +72,7 @@ WRIST_OVER_TRUNK_MM, WRIST_BESIDE_TRUNK_MM = 130.0, 180.0
 def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(positions, arm poses) worth fitting, given the keypoints.
 
-    The head direction is the network's (head against pelvis: not in doubt); supine
+    The head direction is the network's (upper keypoints against lower: not in doubt); supine
     and prone are both tried unless the network is sure. The arms are 'up' when both
     wrists lie beyond the shoulders towards the head; below the shoulders, 'down'
     when both wrists lie beside the trunk and 'belly' when both lie over it (near the

@@ -167,11 +167,10 @@ def evaluate(net: KeypointNet, data: dict) -> dict:
     """Errors on held-out captures as detect_keypoints reads them: both views (positioning/keypoints.py VIEWS)."""
     net.eval()
     errs, herrs, pos_ok = [], [], []
-    k = {n: i for i, n in enumerate(KEYPOINTS)}
     for n in range(len(data["views"])):
         wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n]]
         xy_t, hts, _, p_prone = read_views(net, data["views"][n].astype(np.float32), wins)
-        pos = position_from_sides(xy_t[k["head"], 1], xy_t[k["pelvis"], 1], p_prone)
+        pos = position_from_sides(xy_t[:, 1], p_prone)
         order = list(side_to_anatomy(pos))
         xy_t, hts = xy_t[order], hts[order]
         errs.append(np.linalg.norm(xy_t - wins[0].to_table(data["cells"][n]), axis=1))

@@ -50,7 +50,12 @@ def test_position_from_head_direction_and_prone_output(body_model, position):
     kp = _posed_keypoints(body_model, position)
     k = {n: i for i, n in enumerate(KEYPOINTS)}
     p_prone = 0.9 if position.endswith("P") else 0.1
-    assert position_from_sides(kp[k["head"], 1], kp[k["pelvis"], 1], p_prone) == position
+    assert position_from_sides(kp[:, 1], p_prone) == position
+    for joint in ("head", "neck", "pelvis", "left_ankle"):  # one keypoint at the body's other end turns nothing
+        moved = kp[:, 1].copy()
+        other = "right_ankle" if joint in ("head", "neck") else "head"
+        moved[k[joint]] = kp[k[other], 1] + np.sign(kp[k[other], 1] - kp[k[joint], 1]) * 100.0
+        assert position_from_sides(moved, p_prone) == position, joint
 
 
 def test_augmentations_keep_the_side_labels(body_model):
