@@ -238,11 +238,10 @@ MIDLINE = (("pelvis",), ("left_hip", "right_hip"), ("neck",), ("left_shoulder", 
 PLACE_MIN_CONF = 0.3
 
 
-def _midline(joints: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(M, 2) x, y of the MIDLINE points whose joints are all surer than PLACE_MIN_CONF, and their indices."""
-    keep = [i for i, names in enumerate(MIDLINE) if all(conf[J[n]] > PLACE_MIN_CONF for n in names)]
-    return np.array([np.mean([joints[J[n], :2] for n in MIDLINE[i]], 0) for i in keep]).reshape(-1, 2), \
-        np.array(keep, dtype=int)
+def _midline(joints: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """(M, 2) x, y of the MIDLINE points whose joints are all surer than PLACE_MIN_CONF (joints (24, 3))."""
+    keep = [names for names in MIDLINE if all(conf[J[n]] > PLACE_MIN_CONF for n in names)]
+    return np.array([np.mean([joints[J[n], :2] for n in names], 0) for names in keep]).reshape(-1, 2)
 
 
 def _keypoint_placement(model_joints: np.ndarray, kp: np.ndarray, conf: np.ndarray) -> tuple[float, np.ndarray] | None:
@@ -255,10 +254,9 @@ def _keypoint_placement(model_joints: np.ndarray, kp: np.ndarray, conf: np.ndarr
     """
     import cv2
 
-    dst, keep = _midline(kp, conf)
-    if len(keep) < 3:
+    dst, src = _midline(kp, conf), _midline(model_joints, conf)
+    if len(dst) < 3:
         return None
-    src = np.array([np.mean([model_joints[J[n], :2] for n in MIDLINE[i]], 0) for i in keep])
     a, _ = cv2.estimateAffinePartial2D(src.astype(np.float32), dst.astype(np.float32), method=cv2.LMEDS)
     if a is None:
         return None

@@ -315,8 +315,8 @@ def test_the_keypoints_place_the_body_by_their_midline_whatever_one_of_them_says
 
 def test_one_keypoint_far_off_does_not_move_the_fit(sim_cases, body_model, keypoint_net):
     """A pelvis keypoint 400 mm up the trunk (as v4 put one, tuning seed 50,000,082): when the pelvis alone
-    placed the start, the fit stayed there (its trunk 320 mm off at the median over 16 tuning patients); started
-    from the midline's placement it lands where the true keypoints take it."""
+    placed the start, the fit stayed there (its trunk 322 mm off at the median over 16 tuning patients); started
+    from the midline's placement it lands where the unmoved keypoints take it."""
     from positioning.skeleton import JOINT_INDEX as J
 
     cap = read_capture(sim_cases[0])
