@@ -12,7 +12,7 @@ from positioning.bodymodel import BodyModel
 from positioning.capture import Capture, SceneState
 from positioning.fit import ARMS, FitResult, fit_body, one_torch_thread
 from positioning.frames import scanner_to_table, table_to_scanner
-from positioning.keypoints import KEYPOINTS, Keypoints, KeypointNet, detect_keypoints
+from positioning.keypoints import KEYPOINTS, UPPER, Keypoints, KeypointNet, detect_keypoints
 from positioning.poses import ARM_POSES, POSITIONS
 from positioning.segment import Segmentation, segment_patient
 from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
@@ -82,12 +82,14 @@ def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str
     sure = max(p, 1.0 - p) >= PRONE_SURE
     positions = (kp.position,) if sure else (kp.position[:2] + "S", kp.position[:2] + "P")
     k = {n: i for i, n in enumerate(KEYPOINTS)}
-    axis = kp.points_s[k["neck"], :2] - kp.points_s[k["pelvis"], :2]
-    axis /= max(float(np.linalg.norm(axis)), 1e-6)
+    # The trunk's axis from the pelvis (kept between the hips, keypoints.pelvis_from_hips) to the median of the
+    # head, neck and shoulders: no one of those turns it.
+    top, low = np.median(kp.points_s[[k[n] for n in UPPER], :2], 0), kp.points_s[k["pelvis"], :2]
+    axis = (top - low) / max(float(np.linalg.norm(top - low)), 1e-6)
     reach = [float((kp.points_s[k[f"{s}_wrist"], :2] - kp.points_s[k[f"{s}_shoulder"], :2]) @ axis)
              for s in ("left", "right")]
     side = np.array([-axis[1], axis[0]])
-    mid = 0.5 * (kp.points_s[k["neck"], :2] + kp.points_s[k["pelvis"], :2])
+    mid = 0.5 * (top + low)
     off = [abs(float((kp.points_s[k[f"{s}_wrist"], :2] - mid) @ side)) for s in ("left", "right")]
     if min(reach) > ARM_UP_MM:
         arms = ("up",)

@@ -386,8 +386,13 @@ def test_keypoints_choose_the_hypotheses_to_fit(body_model, arms, prone_p, expec
     out = body_model.layer(betas=torch.zeros(1, 16),
                            body_pose=torch.as_tensor(canonical_pose(arms)[1:].reshape(1, -1), dtype=torch.float32))
     j = out.joints[0, :24].detach().numpy() @ POSITION_ROTATIONS[position].T * 1000.0
-    kp = Keypoints(np.array([j[JOINT_INDEX[n]] for n in KEYPOINTS]), np.full(len(KEYPOINTS), 0.9), position, prone_p)
+    pts = np.array([j[JOINT_INDEX[n]] for n in KEYPOINTS])
+    kp = Keypoints(pts, np.full(len(KEYPOINTS), 0.9), position, prone_p)
     assert hypotheses_from_keypoints(kp) == expect
+    for name in ("neck", "head"):  # one of them at the feet does not turn the trunk's axis (the pelvis: its own rule)
+        moved = pts.copy()
+        moved[KEYPOINTS.index(name)] = pts[KEYPOINTS.index("left_ankle")]
+        assert hypotheses_from_keypoints(dataclasses.replace(kp, points_s=moved)) == expect, name
 
 
 def test_torch_runs_on_one_thread_inside_perception_and_the_callers_setting_returns():
