@@ -11,7 +11,7 @@
 4. Margins: coverage and median overscan for every margin 0-40 mm, from the
    margin-free signed errors of the range ends (a plot, --plot).
 Run: .venv/bin/python bench/planning.py [--n 200] [--k 20] [--protocol chest] [--plot docs/figures/x.png]
-     [--scene-config bench/scenes/anny-bodies.toml]  (accuracy on other scenes, e.g. bodies outside the shape space)
+     [--scene-config bench/scenes/anny-bodies.toml]  (accuracy and consistency on other scenes, e.g. bodies outside the shape space)
 """
 from __future__ import annotations
 
@@ -201,14 +201,14 @@ def plot_margins(curve: list[dict], protocol: str, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def consistency(model, net, k: int, protocol: str) -> dict:
+def consistency(model, net, k: int, protocol: str, scene_config: Path | None = None) -> dict:
     from positioning.cli import plan_from_capture
     from positioning.plan import PlanRefused, ScannerSpec
     from positioning.segment import SegmentationError
     from sim.scene import load_config, sample_scene, with_table_at
     from sim.simulate import simulate
 
-    cfg = {**load_config(None), "table_longitudinal_mm": -1000.0}
+    cfg = {**load_config(scene_config), "table_longitudinal_mm": -1000.0}
     spec = ScannerSpec(bore_diameter_mm=800.0)
     spreads: dict[str, list[float]] = {"independent": [], "followed": []}
     for i in range(k):
@@ -281,7 +281,7 @@ def main() -> None:
     ap.add_argument("--protocol", default="chest")
     ap.add_argument("--seed0", type=int, default=SEED0, help="first scene seed (the tuning set is 50,000,000+)")
     ap.add_argument("--scene-config", type=Path,
-                    help="simulator TOML for the accuracy captures (e.g. bench/scenes/anny-bodies.toml)")
+                    help="simulator TOML for the accuracy and three-position captures (e.g. bench/scenes/anny-bodies.toml)")
     ap.add_argument("--out", default="bench/out/planning.json", help="the figures; per-capture rows go beside it")
     ap.add_argument("--plot", type=Path, help="write the margin plot here (PNG)")
     a = ap.parse_args()
@@ -298,7 +298,7 @@ def main() -> None:
             plot_margins(curve, a.protocol, a.plot)
         res.update(accuracy=acc, margin_curve=curve[::5])
     if a.k:
-        res["three_table_positions"] = consistency(model, net, a.k, a.protocol)
+        res["three_table_positions"] = consistency(model, net, a.k, a.protocol, a.scene_config)
     if a.runs:
         res["fresh_process"] = fresh_process(a.protocol, a.runs)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
