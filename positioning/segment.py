@@ -54,6 +54,17 @@ LEVEL_SPAN_MM = (800.0, 350.0)  # along, across: the support's points must span 
 # (grows with the square of the distance) is a slope of a degree or more: it warns, and never refuses.
 LEVEL_WARN_DEG = (1.0, 3.0)
 LEVEL_REFUSE_DEG = (3.0, float("inf"))
+# Where the support is looked for (mm, z_T): from a tabletop a little low to a thick mattress. Its commonest height
+# at either end of the window means the real support lies beyond it and the window caught only its noise's tail.
+SUPPORT_WINDOW_MM = (-20.0, 150.0)
+# The tabletop carries all that lies on it: over its middle (every CT tabletop is wider than twice this) and along
+# the support, nothing seen lies more than BELOW_TABLETOP_MM (the depth's noise) below its top. Surfaces there
+# (down to BELOW_SEARCH_MM: not the floor) over more than BELOW_TABLETOP_M2 mean the table height reading, the
+# calibration or the depth is wrong, and the support found is another surface.
+TABLETOP_MIDDLE_HALF_MM = 180.0
+BELOW_TABLETOP_MM = 25.0
+BELOW_SEARCH_MM = 400.0
+BELOW_TABLETOP_M2 = 0.03
 
 
 class SegmentationError(Exception):
@@ -62,6 +73,10 @@ class SegmentationError(Exception):
 
 class TableNotLevel(SegmentationError):
     """The support surface slopes in the calibrated frame: the calibration does not describe the camera."""
+
+
+class TableMismatch(SegmentationError):
+    """The support is not where the calibration and the table readings put the tabletop."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +189,25 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
                                                  else None)
 
 
+def below_tabletop(points_t: np.ndarray, support_z_t: float) -> None:
+    """Raise TableMismatch where surfaces over the tabletop's middle lie below its top (see BELOW_TABLETOP_MM).
+
+    points_t: (N, 3) mm, frame T, what the camera sees over the tabletop's footprint; support_z_t: the support's
+    height (``support_height_t``). Looked for behind the head-end mark (y_T < 0: a head rest may run past it,
+    narrower than the tabletop) and between the support's ends (past them, the floor or the table's base).
+    """
+    y_support = points_t[np.abs(points_t[:, 2] - support_z_t) < 30.0, 1]
+    y_lo, y_hi = np.percentile(y_support, [0.1, 99.9])
+    x, y, z = points_t[:, 0], points_t[:, 1], points_t[:, 2]
+    low = points_t[(np.abs(x) < TABLETOP_MIDDLE_HALF_MM) & (y >= y_lo) & (y <= min(y_hi, 0.0))
+                   & (z < -BELOW_TABLETOP_MM) & (z > -BELOW_SEARCH_MM)]
+    area_m2 = len(np.unique(np.floor(low[:, :2] / CELL_MM).astype(np.int64), axis=0)) * (CELL_MM / 1000.0) ** 2
+    if area_m2 > BELOW_TABLETOP_M2:
+        raise TableMismatch(f"surfaces over the tabletop lie {-np.median(low[:, 2]):.0f} mm below its top "
+                            f"({area_m2 * 1e4:.0f} cm²): the table height reading, the calibration or the depth "
+                            f"is wrong; run the daily check (ctpos calibrate --check)")
+
+
 def level_warnings(tilt: tuple[float | None, float | None]) -> list[dict[str, str]]:
     """The warning for a support's slope (``support_tilt``'s along, across; degrees): none, CALIBRATION_SUSPECT
     from LEVEL_WARN_DEG, or TableNotLevel raised from LEVEL_REFUSE_DEG."""
@@ -255,12 +289,20 @@ def veil_pixels(depth_mm: np.ndarray, rel_step: float = VEIL_STEP) -> np.ndarray
 
 
 def support_height_t(z_t: np.ndarray) -> float:
-    """The support surface's z_T (mm): the densest 5 mm height band between -20 and 150 mm."""
-    z = z_t[(z_t > -20) & (z_t < 150)]
+    """The support surface's z_T (mm): the densest 5 mm height band within SUPPORT_WINDOW_MM.
+
+    z_t: (N,) mm, the heights over the tabletop's footprint. Raises TableMismatch where too little lies in the
+    window, or its densest band is the first or the last (module constants)."""
+    lo, hi = SUPPORT_WINDOW_MM
+    z = z_t[(z_t > lo) & (z_t < hi)]
     if len(z) < 500:
-        raise SegmentationError("the tabletop is not where the calibration and table readings put it")
-    hist, edges = np.histogram(z, bins=np.arange(-20, 155, 5.0))
+        raise TableMismatch("the tabletop is not where the calibration and table readings put it")
+    hist, edges = np.histogram(z, bins=np.arange(lo, hi + 5.0, 5.0))
     k = int(np.argmax(hist))
+    if k in (0, len(hist) - 1):
+        raise TableMismatch(f"the tabletop is not where the calibration and table readings put it: the support "
+                            f"seen lies {edges[k] + 2.5:+.0f} mm from its top, at the edge of {lo:+.0f} to "
+                            f"{hi:+.0f} mm")
     band = z[(z >= edges[k] - 5) & (z < edges[k + 1] + 5)]
     return float(np.median(band))
 
@@ -311,6 +353,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     # Checked first: on a sloping support, everything judged by height above it would be wrong.
     tilt = support_tilt(foot_t, support)
     warnings = level_warnings(tilt)
+    below_tabletop(foot_t, support)
     above = pts_t[:, 2] - support
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
 

@@ -14,8 +14,8 @@ from positioning.capture import read_capture, read_truth
 from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.frames import scanner_to_table
 from positioning.perceive import WARM_ITERATIONS, keypoints_as_joints, perceive
-from positioning.segment import (SegmentationError, TableNotLevel, level_warnings, outliers, segment_patient,
-                                 support_tilt, veil_pixels)
+from positioning.segment import (SegmentationError, TableMismatch, TableNotLevel, below_tabletop, level_warnings,
+                                 outliers, segment_patient, support_height_t, support_tilt, veil_pixels)
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
 from sim.scene import load_config, sample_scene, with_table_at
@@ -180,6 +180,49 @@ def test_a_camera_turned_since_calibration_is_warned_then_refused(sim_cases):
     assert [w["code"] for w in warned.warnings] == ["CALIBRATION_SUSPECT"]
     with pytest.raises(SegmentationError, match="the camera may have moved since its calibration"):
         segment_patient(_rotated_calibration(cap, 5.0))
+
+
+@pytest.mark.parametrize("reading_off_mm", [-100.0, 100.0, 600.0])
+def test_a_table_height_reading_off_by_much_is_refused(sim_cases, reading_off_mm):
+    """A stale or wrong table height reading would take another surface for the mattress and plan every height
+    wrong by as much: refused, whichever of the two checks (the support's window, nothing below the tabletop)
+    sees it first on this capture."""
+    cap = read_capture(sim_cases[0])
+    wrong = dataclasses.replace(cap, scene=dataclasses.replace(
+        cap.scene, table_height_mm=cap.scene.table_height_mm + reading_off_mm))
+    with pytest.raises(TableMismatch, match="the calibration"):
+        segment_patient(wrong)
+
+
+def test_depth_far_behind_the_tabletop_is_refused(sim_cases):
+    """Depth 150 mm too long (a wrong depth unit or camera): the mattress lies below the tabletop's top, where
+    nothing can, and the support's window holds only the patient."""
+    cap = read_capture(sim_cases[0])
+    far = np.where(cap.depth > 0, cap.depth + round(150.0 / (cap.camera.depth_scale * 1000.0)), 0).astype(np.uint16)
+    with pytest.raises(TableMismatch, match="the calibration"):
+        segment_patient(dataclasses.replace(cap, depth=far))
+
+
+def test_a_support_at_the_edge_of_its_window_is_no_support():
+    rng = np.random.default_rng(6)
+    body = rng.uniform(100, 400, 20000)
+    assert support_height_t(np.concatenate([rng.normal(55, 3, 20000), body])) == pytest.approx(55, abs=1)
+    for mattress_top in (160.0, -30.0):  # its lower or upper noise tail reaches into the window
+        with pytest.raises(TableMismatch, match="at the edge of -20 to \\+150 mm"):
+            support_height_t(np.concatenate([rng.normal(mattress_top, 5, 20000), body]))
+
+
+def test_only_surfaces_over_the_tabletops_middle_and_along_the_support_count_as_below_it():
+    rng = np.random.default_rng(5)
+    mattress = np.column_stack([rng.uniform(-240, 240, 40000), rng.uniform(-2000, 0, 40000), np.full(40000, 60.0)])
+    floor = np.column_stack([rng.uniform(-330, 330, 5000), rng.uniform(-2000, 0, 5000), np.full(5000, -700.0)])
+    edge = np.column_stack([rng.uniform(200, 330, 5000), rng.uniform(-2000, 0, 5000), np.full(5000, -60.0)])
+    past_head = np.column_stack([rng.uniform(-150, 150, 5000), rng.uniform(10, 300, 5000), np.full(5000, -60.0)])
+    below_tabletop(np.vstack([mattress, floor, edge, past_head]), 60.0)  # none of these is over the middle
+    patch = np.column_stack([rng.uniform(-100, 100, 3000), rng.uniform(-1000, -800, 3000), np.full(3000, -60.0)])
+    with pytest.raises(TableMismatch, match="lie 60 mm below its top"):
+        below_tabletop(np.vstack([mattress, patch]), 60.0)
+    below_tabletop(np.vstack([mattress, patch * [1, 1, 0.3]]), 60.0)  # 18 mm below: within the depth's noise
 
 
 def test_empty_table_is_refused(body_model):

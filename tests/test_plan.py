@@ -358,12 +358,16 @@ def _broken(sim_cases, tmp_path, how):
     elif how == "non-finite JSON":
         (case / "scene.json").write_text((case / "scene.json").read_text().replace('"table_height_mm": ',
                                                                                   '"table_height_mm": NaN, "x": '))
+    elif how == "table reading 100 mm off":
+        scene = json.loads((case / "scene.json").read_text())
+        (case / "scene.json").write_text(json.dumps({**scene, "table_height_mm": scene["table_height_mm"] - 100.0}))
     return case
 
 
 @pytest.mark.parametrize("how, expect", [("missing depth", "missing"), ("corrupt depth", "not a readable PNG"),
                                          ("all-zero depth", "of the depth image holds data"),
-                                         ("non-finite JSON", "non-finite")])
+                                         ("non-finite JSON", "non-finite"),
+                                         ("table reading 100 mm off", "the calibration")])
 def test_bad_captures_exit_nonzero_with_one_line(sim_cases, tmp_path, how, expect):
     r = ctpos("plan", str(_broken(sim_cases, tmp_path, how)), "--protocol", "chest", "--json")
     assert r.returncode != 0 and r.stdout == ""
