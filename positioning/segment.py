@@ -61,6 +61,9 @@ SUPPORT_WINDOW_MM = (-20.0, 150.0)
 # the support, nothing seen lies more than BELOW_TABLETOP_MM (the depth's noise) below its top. Surfaces there
 # (down to BELOW_SEARCH_MM: not the floor) over more than BELOW_TABLETOP_M2 mean the table height reading, the
 # calibration or the depth is wrong, and the support found is another surface.
+# A CT mattress lies 0-100 mm above the tabletop (the simulator draws 40-70). A support found outside this, but
+# inside the window, may be a mattress of another kind or a table reading that many mm off: it warns.
+SUPPORT_USUAL_MM = (-10.0, 100.0)
 TABLETOP_MIDDLE_HALF_MM = 180.0
 BELOW_TABLETOP_MM = 25.0
 BELOW_SEARCH_MM = 400.0
@@ -353,6 +356,11 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     # Checked first: on a sloping support, everything judged by height above it would be wrong.
     tilt = support_tilt(foot_t, support)
     warnings = level_warnings(tilt)
+    if not SUPPORT_USUAL_MM[0] <= support <= SUPPORT_USUAL_MM[1]:
+        warnings.append({"code": "TABLE_READING_SUSPECT",
+                         "message": f"the support lies {support:+.0f} mm from the tabletop's top, where a CT mattress "
+                                    f"lies {SUPPORT_USUAL_MM[0]:+.0f} to {SUPPORT_USUAL_MM[1]:+.0f} mm: check the table "
+                                    f"height reading and the camera's calibration"})
     below_tabletop(foot_t, support)
     above = pts_t[:, 2] - support
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)

@@ -194,6 +194,18 @@ def test_a_table_height_reading_off_by_much_is_refused(sim_cases, reading_off_mm
         segment_patient(wrong)
 
 
+def test_a_table_height_reading_off_by_less_than_a_mattress_warns_where_it_can(sim_cases):
+    """Off by less than the mattress's thickness, the capture cannot tell the reading from another mattress: it
+    plans, and says so where the support then lies higher than a CT mattress does."""
+    cap = read_capture(sim_cases[0])
+    assert not [w for w in segment_patient(cap).warnings if w["code"] == "TABLE_READING_SUSPECT"]
+    # +60 mm: the support 60 mm higher in T, over 100 mm for the simulator's mattresses of 40 mm and more.
+    seg = segment_patient(dataclasses.replace(cap, scene=dataclasses.replace(
+        cap.scene, table_height_mm=cap.scene.table_height_mm + 60.0)))
+    assert [w["code"] for w in seg.warnings] == ["TABLE_READING_SUSPECT"]
+    assert "check the table height reading" in seg.warnings[0]["message"]
+
+
 def test_depth_far_behind_the_tabletop_is_refused(sim_cases):
     """Depth 150 mm too long (a wrong depth unit or camera): the mattress lies below the tabletop's top, where
     nothing can, and the support's window holds only the patient."""
