@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import platform
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +60,17 @@ def run(n: int, cases: list[tuple[str, float, float]], seed0: int) -> dict:
                 row["warned"] = any(w["code"] == "TABLE_READING_SUSPECT" for w in pl.warnings)
             except TableMismatch:
                 row["outcome"] = "table mismatch"
-            except (PlanRefused, SegmentationError) as exc:
-                row["outcome"] = f"other: {type(exc).__name__}"
+            except PlanRefused as exc:
+                row["outcome"] = f"other: {exc.code}"
+            except SegmentationError as exc:
+                row["outcome"] = f"other: {str(exc).split(':')[0][:60]}"
             rows[name].append(row)
     return {name: summary(r) for name, r in rows.items()}
 
 
 def summary(rows: list[dict]) -> dict:
     out = {"n": len(rows), "refused_table_mismatch": sum(r.get("outcome") == "table mismatch" for r in rows),
-           "refused_other": sum(r.get("outcome", "").startswith("other") for r in rows)}
+           "refused_other": dict(Counter(r["outcome"][7:] for r in rows if r.get("outcome", "").startswith("other")))}
     for name, warned in (("planned_warned", True), ("planned_silent", False)):
         err = np.array([r["iso_err"] for r in rows if "iso_err" in r and r["warned"] == warned])
         out[name] = {"n": len(err)}

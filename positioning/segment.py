@@ -304,8 +304,8 @@ def support_height_t(z_t: np.ndarray) -> float:
     k = int(np.argmax(hist))
     if k in (0, len(hist) - 1):
         raise TableMismatch(f"the tabletop is not where the calibration and table readings put it: the support "
-                            f"seen lies {edges[k] + 2.5:+.0f} mm from its top, at the edge of {lo:+.0f} to "
-                            f"{hi:+.0f} mm")
+                            f"seen lies {edges[k] + 2.5:+.0f} mm above where its top should be, at the edge of the "
+                            f"{lo:+.0f} to {hi:+.0f} mm searched")
     band = z[(z >= edges[k] - 5) & (z < edges[k + 1] + 5)]
     return float(np.median(band))
 

@@ -220,7 +220,7 @@ def test_a_support_at_the_edge_of_its_window_is_no_support():
     body = rng.uniform(100, 400, 20000)
     assert support_height_t(np.concatenate([rng.normal(55, 3, 20000), body])) == pytest.approx(55, abs=1)
     for mattress_top in (160.0, -30.0):  # its lower or upper noise tail reaches into the window
-        with pytest.raises(TableMismatch, match="at the edge of -20 to \\+150 mm"):
+        with pytest.raises(TableMismatch, match="at the edge of the -20 to \\+150 mm searched"):
             support_height_t(np.concatenate([rng.normal(mattress_top, 5, 20000), body]))
 
 
