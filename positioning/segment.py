@@ -57,13 +57,13 @@ LEVEL_REFUSE_DEG = (3.0, float("inf"))
 # Where the support is looked for (mm, z_T): from a tabletop a little low to a thick mattress. Its commonest height
 # at either end of the window means the real support lies beyond it and the window caught only its noise's tail.
 SUPPORT_WINDOW_MM = (-20.0, 150.0)
+# A CT mattress lies 0-100 mm above the tabletop (the simulator draws 40-70). A support found outside this, but
+# inside the window, may be a mattress of another kind or a table reading that many mm off: it warns.
+SUPPORT_USUAL_MM = (-10.0, 100.0)
 # The tabletop carries all that lies on it: over its middle (every CT tabletop is wider than twice this) and along
 # the support, nothing seen lies more than BELOW_TABLETOP_MM (the depth's noise) below its top. Surfaces there
 # (down to BELOW_SEARCH_MM: not the floor) over more than BELOW_TABLETOP_M2 mean the table height reading, the
 # calibration or the depth is wrong, and the support found is another surface.
-# A CT mattress lies 0-100 mm above the tabletop (the simulator draws 40-70). A support found outside this, but
-# inside the window, may be a mattress of another kind or a table reading that many mm off: it warns.
-SUPPORT_USUAL_MM = (-10.0, 100.0)
 TABLETOP_MIDDLE_HALF_MM = 180.0
 BELOW_TABLETOP_MM = 25.0
 BELOW_SEARCH_MM = 400.0
@@ -304,7 +304,7 @@ def support_height_t(z_t: np.ndarray) -> float:
     k = int(np.argmax(hist))
     if k in (0, len(hist) - 1):
         raise TableMismatch(f"the tabletop is not where the calibration and table readings put it: the support "
-                            f"seen lies {edges[k] + 2.5:+.0f} mm above where its top should be, at the edge of the "
+                            f"seen lies {edges[k] + 2.5:+.0f} mm from where its top should be, at the edge of the "
                             f"{lo:+.0f} to {hi:+.0f} mm searched")
     band = z[(z >= edges[k] - 5) & (z < edges[k + 1] + 5)]
     return float(np.median(band))
