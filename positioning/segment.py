@@ -291,23 +291,20 @@ def veil_pixels(depth_mm: np.ndarray, rel_step: float = VEIL_STEP) -> np.ndarray
     return valid & (z - near > step) & (far - z > step)
 
 
-def support_height_t(z_t: np.ndarray) -> float:
-    """The support surface's z_T (mm): the densest 5 mm height band within SUPPORT_WINDOW_MM.
+def support_height_t(z_t: np.ndarray) -> tuple[float, bool]:
+    """The support surface's z_T (mm), the median of the densest 5 mm height band within SUPPORT_WINDOW_MM, and
+    whether that band is the window's first or last (the real support then lies beyond the window).
 
     z_t: (N,) mm, the heights over the tabletop's footprint. Raises TableMismatch where too little lies in the
-    window, or its densest band is the first or the last (module constants)."""
+    window."""
     lo, hi = SUPPORT_WINDOW_MM
     z = z_t[(z_t > lo) & (z_t < hi)]
     if len(z) < 500:
         raise TableMismatch("the tabletop is not where the calibration and table readings put it")
     hist, edges = np.histogram(z, bins=np.arange(lo, hi + 5.0, 5.0))
     k = int(np.argmax(hist))
-    if k in (0, len(hist) - 1):
-        raise TableMismatch(f"the tabletop is not where the calibration and table readings put it: the support "
-                            f"seen lies {edges[k] + 2.5:+.0f} mm from where its top should be, at the edge of the "
-                            f"{lo:+.0f} to {hi:+.0f} mm searched")
     band = z[(z >= edges[k] - 5) & (z < edges[k + 1] + 5)]
-    return float(np.median(band))
+    return float(np.median(band)), k in (0, len(hist) - 1)
 
 
 def shifted_height_map(seg: Segmentation, table_longitudinal_mm: float,
@@ -352,10 +349,16 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     pts_t = scanner_to_table(pts_s, sc.table_height_mm, sc.table_longitudinal_mm)
     in_foot = np.abs(pts_t[:, 0]) < FOOTPRINT_HALF_WIDTH_MM
     foot_t = pts_t[in_foot]
-    support = support_height_t(foot_t[:, 2])
-    # Checked first: on a sloping support, everything judged by height above it would be wrong.
+    support, at_edge = support_height_t(foot_t[:, 2])
+    # Checked first: on a sloping support, everything judged by height above it would be wrong; and a camera turned
+    # since its calibration is named as such before the support's height is judged.
     tilt = support_tilt(foot_t, support)
     warnings = level_warnings(tilt)
+    if at_edge:
+        lo, hi = SUPPORT_WINDOW_MM
+        raise TableMismatch(f"the tabletop is not where the calibration and table readings put it: the support "
+                            f"seen lies {support:+.0f} mm from where its top should be, at the edge of the "
+                            f"{lo:+.0f} to {hi:+.0f} mm searched")
     if not SUPPORT_USUAL_MM[0] <= support <= SUPPORT_USUAL_MM[1]:
         warnings.append({"code": "TABLE_READING_SUSPECT",
                          "message": f"the support lies {support:+.0f} mm from the tabletop's top, where a CT mattress "
