@@ -57,6 +57,7 @@ LEVEL_REFUSE_DEG = (3.0, float("inf"))
 # Where the support is looked for (mm, z_T): from a tabletop a little low to a thick mattress. Its commonest height
 # at either end of the window means the real support lies beyond it and the window caught only its noise's tail.
 SUPPORT_WINDOW_MM = (-20.0, 150.0)
+ON_SUPPORT_MM = 30.0  # within this of the support's height: the support itself (its noise, its slight sag)
 # A CT mattress lies 0-100 mm above the tabletop (the simulator draws 40-70). A support found outside this, but
 # inside the window, may be a mattress of another kind or a table reading that many mm off: it warns.
 SUPPORT_USUAL_MM = (-10.0, 100.0)
@@ -199,7 +200,7 @@ def below_tabletop(points_t: np.ndarray, support_z_t: float) -> None:
     height (``support_height_t``). Looked for behind the head-end mark (y_T < 0: a head rest may run past it,
     narrower than the tabletop) and between the support's ends (past them, the floor or the table's base).
     """
-    y_support = points_t[np.abs(points_t[:, 2] - support_z_t) < 30.0, 1]
+    y_support = points_t[np.abs(points_t[:, 2] - support_z_t) < ON_SUPPORT_MM, 1]
     y_lo, y_hi = np.percentile(y_support, [0.1, 99.9])
     x, y, z = points_t[:, 0], points_t[:, 1], points_t[:, 2]
     low = points_t[(np.abs(x) < TABLETOP_MIDDLE_HALF_MM) & (y >= y_lo) & (y <= min(y_hi, 0.0))
@@ -369,7 +370,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
 
     # Top-down height map over the support's length (not the floor seen past its ends).
-    on_support = in_foot & (np.abs(pts_t[:, 2] - support) < 30.0)
+    on_support = in_foot & (np.abs(pts_t[:, 2] - support) < ON_SUPPORT_MM)
     ys = pts_t[on_support | cand, 1]
     y_lo, y_hi = float(np.percentile(ys, 0.1)) - 100.0, float(np.percentile(ys, 99.9)) + 100.0
     cand &= (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
