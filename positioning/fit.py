@@ -2,7 +2,8 @@
 
 Hypotheses: patient positions × arm poses, each started from the canonical pose
 (positioning/poses.py), placed by the keypoints (or the points' principal axis and
-extent). The caller chooses them: from the keypoints, usually one position and one
+extent); a prone hypothesis twice, its face turned to either side (prone patients
+turn their heads aside). The caller chooses them: from the keypoints, usually one position and one
 arm pose, both supine and prone when the network is unsure (perceive.py); without
 keypoints all four positions × both arm poses. All hypotheses are optimised
 together (batched); the lowest final cost wins, and its margin over the best
@@ -16,7 +17,8 @@ Cost (per hypothesis, metres):
 * contact: no vertex below the support surface, the body's lowest point on it, and
   the upper trunk's lowest point on it too (a lying trunk rests at both ends);
 * priors: betas (unit Gaussian), pose near the hypothesis's canonical pose, joint
-  limits (knees and elbows bend one way).
+  limits (knees and elbows bend one way; the neck and head nod or tilt at most
+  HEAD_TILT_LIMIT_RAD each, and turn freely).
 
 During the fit the kinematics are smplx's (``smplx.lbs``'s rodrigues; its rigid
 transforms composed by tree level, checked against smplx's in the tests) and the
@@ -56,6 +58,14 @@ KEYPOINT_ROBUST_M = 0.08
 # prone: chest and pelvis); the camera never sees that side, so it is a prior.
 UPPER_TRUNK = ("spine2", "spine3", "left_collar", "right_collar")
 UPPER_CONTACT_WEIGHT = 10.0
+# A lying head turns to the side (prone patients do, up to 60 degrees and more) but nods or tilts little: the table holds
+# it. Without the limit the fit of a prone head turned aside pitched it instead, crown up, in 9 of 27 prone head plans on
+# tuning captures, 80-140 mm short of the vertex (docs/planning.md, "Head, chest-abdomen-pelvis and whole-body plans").
+HEAD_TILT_LIMIT_RAD = 0.4
+# Prone, the face is turned aside, and a fit started face down turned the head the wrong way or not at all (its vertex
+# 45-90 mm short in 4 of 7 such tuning plans even with the limit above): each prone hypothesis starts face left and face
+# right, and the better fit wins (same docs section). About the body's y axis; + turns the face to the body's left.
+PRONE_HEAD_TURN_RAD = 0.8
 
 
 @dataclass(frozen=True)
@@ -299,14 +309,15 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     support = support_z_s_mm / 1000.0
     skin = _Skin(model, sub)
     if warm is not None:
-        hyps = [(warm.patient_position, warm.arms)]
+        hyps = [(warm.patient_position, warm.arms, 0.0)]
         base = torch.as_tensor(warm.rotation[None], dtype=torch.float32)
         pose0 = torch.as_tensor(warm.body_pose[None], dtype=torch.float32)
         yaw0 = 0.0
     else:
-        hyps = [(p, a) for p in positions for a in arms]
-        base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _ in hyps]), dtype=torch.float32)
-        pose0 = torch.as_tensor(np.stack([canonical_pose(a) for _, a in hyps]), dtype=torch.float32)
+        hyps = [(p, a, turn) for p in positions for a in arms
+                for turn in ((PRONE_HEAD_TURN_RAD, -PRONE_HEAD_TURN_RAD) if p.endswith("P") else (0.0,))]
+        base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _, _ in hyps]), dtype=torch.float32)
+        pose0 = torch.as_tensor(np.stack([canonical_pose(a, turn, p.endswith("P")) for p, a, turn in hyps]), dtype=torch.float32)
         yaw0 = _principal_yaw(pts)
     h = len(hyps)
     yaws, roots = np.full(h, yaw0), [None] * h
@@ -377,7 +388,9 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         e_pose = ((dpose * free) ** 2).sum((1, 2)) * 2e-3
         knee = pose[:, [J["left_knee"], J["right_knee"]], 0]
         elbow_l, elbow_r = pose[:, J["left_elbow"], 1], pose[:, J["right_elbow"], 1]
-        e_limit = (torch.relu(-knee) ** 2).sum(1) + torch.relu(elbow_l) ** 2 + torch.relu(-elbow_r) ** 2
+        nod_tilt = pose[:, [J["neck"], J["head"]]][..., [0, 2]]  # about the body's x and z axes; y is the turn
+        e_limit = (torch.relu(-knee) ** 2).sum(1) + torch.relu(elbow_l) ** 2 + torch.relu(-elbow_r) ** 2 \
+            + (torch.relu(nod_tilt.abs() - HEAD_TILT_LIMIT_RAD) ** 2).sum((1, 2))
         cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
         if kp is not None:
             # Robust: a keypoint on the wrong limb (a left/right swap) saturates instead of dragging the body.
@@ -392,10 +405,11 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     t_opt = time.perf_counter()
     with torch.no_grad():
         final = cost.detach().numpy()
-    costs = {f"{p}/{a}": float(c) for (p, a), c in zip(hyps, final)}
+    costs = {f"{p}/{a}" + ("" if not turn else "/face-left" if turn > 0 else "/face-right"): float(c)
+             for (p, a, turn), c in zip(hyps, final)}
     best = int(np.argmin(final))
     pos_best = hyps[best][0]
-    others = [c for (p, _), c in zip(hyps, final) if p != pos_best]
+    others = [c for (p, _, _), c in zip(hyps, final) if p != pos_best]
     margin = float((min(others) - final[best]) / max(final[best], 1e-9)) if others else 1.0
 
     with torch.no_grad():

@@ -526,3 +526,23 @@ def test_valid_depth_pixels_land_where_the_general_transform_puts_them(sim_cases
     assert pts.dtype == np.float32 and len(pts) == len(ref) == (depth > 0).sum()
     assert np.array_equal(np.stack([rows, cols], 1), np.argwhere(depth > 0))
     assert np.abs(pts - ref).max() < 0.01
+
+
+def test_a_prone_patient_is_fitted_face_turned_and_feet_stretched(body_model, keypoint_net):
+    """Tuning scene 50,000,043: prone, feet first, arms up, the face turned aside, the feet stretched. Started face
+    down, the fit nodded the head 80 degrees instead of turning it, crown up, and the top of the head fell 139 mm
+    short along the table (a head scan missing the skull's top); started with the feet at a right angle (toes in the
+    mattress), its soles fell 34 mm short. Each prone hypothesis now starts face left and face right with the feet
+    stretched, and a nod or tilt beyond HEAD_TILT_LIMIT_RAD costs."""
+    from positioning.fit import HEAD_TILT_LIMIT_RAD
+    from positioning.skeleton import JOINT_INDEX as J
+
+    p = sample_scene(50_000_043, load_config(None), body_model.data.train["betas"])
+    cap, truth = simulate(p, body_model)
+    per = perceive(cap, body_model, keypoint_net)
+    assert per.patient_position == truth["patient_position"] == "FFP"
+    assert {"FFP/up/face-left", "FFP/up/face-right"} <= set(per.fit.costs)
+    assert abs(per.fit.landmarks["vertex"][1] - truth["landmarks_scanner_mm"]["vertex"][1]) < 25.0
+    assert abs(per.vertices[:, 1].max() - truth["protocols"]["whole_body"]["caudal_y_mm"]) < 20.0  # feet first: +y
+    nod_tilt = per.fit.body_pose[[J["neck"], J["head"]]][:, [0, 2]]
+    assert np.abs(nod_tilt).max() < HEAD_TILT_LIMIT_RAD + 0.05
