@@ -39,6 +39,8 @@ FOREARM_RADIUS_MM, HAND_LENGTH_MM = 60.0, 200.0
 BACK_CONTACT_MM = (10.0, 20.0)
 # A measured point belongs to the trunk's front when it lies this close to the fitted trunk.
 TRUNK_SURFACE_MM = 30.0
+# An ISO slab whose body is mostly skinned to these lies on the head (slab_section's head rule).
+HEAD_JOINTS = (JOINT_INDEX["neck"], JOINT_INDEX["head"])
 LEVELS = ("lung_apex", "lung_base", "diaphragm_dome", "iliac_crest", "symphysis", "vertex", "skull_base", "soles")
 
 
@@ -206,8 +208,10 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
                              for s in ("left", "right")])
     slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # the only points slab_section reads
+    in_slab = trunk & (np.abs(vertices[:, 1] - yc) < SLAB_HALF_MM)
+    on_head = np.isin(dominant_joint[in_slab], HEAD_JOINTS).mean() > 0.5 if in_slab.any() else False
     sec = slab_section(vertices, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
-                       prone=patient_position.endswith("P"))
+                       prone=patient_position.endswith("P"), head=bool(on_head))
     if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
     top, bottom, x_c, lat, mesh_top, measured = sec
@@ -290,7 +294,7 @@ class SlabSection(NamedTuple):
 
 
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
-                 y_c: float, prone: bool = False) -> SlabSection | None:
+                 y_c: float, prone: bool = False, head: bool = False) -> SlabSection | None:
     """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM.
 
     vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
@@ -306,7 +310,10 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     from 0 to 1 (continuous in the fit).
     Prone, the front bears the weight: chest, belly and pelvis lie on the mattress,
     so the bottom is the mattress top (a fitted front is not trusted to float above
-    it; docs/planning.md). Without enough measured
+    it; docs/planning.md). On the head (head True) nothing says where its back
+    lies: a pillow, a head holder, a prone patient's arms or the neck may hold it
+    clear of the mattress, so the bottom is the measured front less the fitted
+    head's depth. Without enough measured
     trunk points the fitted front stands in (front_measured False). None when the
     fitted trunk has no cross-section there.
     """
@@ -335,6 +342,8 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
         over = d_xy < BAND_XY_MM
         if over.sum() > MIN_SLAB_POINTS:
             top, measured = mesh_top + float(np.median(own[over, 2] - band[k[over], 2])), True
+    if head:
+        bottom = top - (mesh_top - back)
     return SlabSection(top, bottom, x_c, lat, mesh_top, measured)
 
 

@@ -262,6 +262,23 @@ def test_underside_rises_from_the_mattress_to_the_fitted_back_without_a_step(bod
     assert np.abs(np.diff(h)).max() <= 0.5 + 1e-6  # at most a millimetre per millimetre of gap
 
 
+def test_the_heads_underside_hangs_from_its_measured_front(body_model):
+    """A head may rest on a pillow, a head holder, a prone patient's arms, or be held by the neck: nothing the camera
+    sees says where its back lies, so its ISO height is the measured front less half the fitted head's depth, wherever
+    the mattress lies (before, the mattress rule or the supine ramp: 12.0 / 40.6 mm median / p95 on 17 prone head
+    tuning plans, now 11.5 / 18.3; supine 5.1 / 15.5 -> 3.6 / 10.1 on 50; docs/planning.md)."""
+    head = load_protocol("head")
+    for position in ("HFS", "HFP"):
+        v, j, lv, dom, pts = _body(body_model, position)
+        plans = [make_plan(head, v, j, lv, dom, position, 0.9, 5.0, pts, -190.0 - g, 250.0, -1000.0)
+                 for g in (0.0, 15.0, 40.0)]
+        heights = [p.table_height_mm for p in plans]
+        assert max(heights) - min(heights) < 0.01, (position, heights)
+        yc = np.mean(list(plans[0].scan_range_scanner_mm.values()))
+        s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23])]
+        assert abs(plans[0].body_thickness_mm - np.ptp(s[:, 2])) < 1.0  # the fitted head's own depth
+
+
 def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
     v, j, lv, dom, pts = _body(body_model, "FFS", long_mm=-1000.0)
     spec = ScannerSpec(longitudinal_min_mm=-1000.0)  # cannot bring the head end in far enough
