@@ -341,6 +341,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     tree = cKDTree(pts)
     kp = None if keypoints_s_mm is None else torch.as_tensor(keypoints_s_mm / 1000.0, dtype=torch.float32)
     kc = None if keypoint_conf is None else torch.as_tensor(keypoint_conf, dtype=torch.float32)
+    # The neck's and head's rotation about the body's x and z axes (nod, tilt) in the flattened pose; y is the turn.
+    nod_tilt_idx = torch.as_tensor([3 * J[n] + axis for n in ("neck", "head") for axis in (0, 2)])
     free = torch.ones(NUM_JOINTS, 3)
     free[0] = 0.0  # the root's rotation is yaw/tilt/base
     opt = Adam([([yaw, tilt], 0.02), ([trans], 0.01), ([betas], 0.05), ([dpose], 0.03)])
@@ -388,9 +390,9 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         e_pose = ((dpose * free) ** 2).sum((1, 2)) * 2e-3
         knee = pose[:, [J["left_knee"], J["right_knee"]], 0]
         elbow_l, elbow_r = pose[:, J["left_elbow"], 1], pose[:, J["right_elbow"], 1]
-        nod_tilt = pose[:, [J["neck"], J["head"]]][..., [0, 2]]  # about the body's x and z axes; y is the turn
+        nod_tilt = pose.reshape(h, -1)[:, nod_tilt_idx]
         e_limit = (torch.relu(-knee) ** 2).sum(1) + torch.relu(elbow_l) ** 2 + torch.relu(-elbow_r) ** 2 \
-            + (torch.relu(nod_tilt.abs() - HEAD_TILT_LIMIT_RAD) ** 2).sum((1, 2))
+            + (torch.relu(nod_tilt.abs() - HEAD_TILT_LIMIT_RAD) ** 2).sum(1)
         cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
         if kp is not None:
             # Robust: a keypoint on the wrong limb (a left/right swap) saturates instead of dragging the body.
