@@ -59,12 +59,12 @@ KEYPOINT_ROBUST_M = 0.08
 UPPER_TRUNK = ("spine2", "spine3", "left_collar", "right_collar")
 UPPER_CONTACT_WEIGHT = 10.0
 # A lying head turns to the side (prone patients do, up to 60 degrees and more) but nods or tilts little: the table holds
-# it. Without the limit the fit of a prone head turned aside pitched it instead, crown up, in 9 of 27 prone head plans on
-# tuning captures, 80-140 mm short of the vertex (docs/planning.md, "Head, chest-abdomen-pelvis and whole-body plans").
+# it. Without the limit the fit of a prone head turned aside nodded it instead, crown up: 6 of 25 prone head plans on
+# tuning captures ended 80-139 mm short of the vertex (docs/planning.md, "Head, chest-abdomen-pelvis and whole-body plans").
 HEAD_TILT_LIMIT_RAD = 0.4
-# Prone, the face is turned aside, and a fit started face down turned the head the wrong way or not at all (its vertex
-# 45-90 mm short in 4 of 7 such tuning plans even with the limit above): each prone hypothesis starts face left and face
-# right, and the better fit wins (same docs section). About the body's y axis; + turns the face to the body's left.
+# Prone, the face is turned aside, and a fit started face down still pressed against the limit above (the vertex 45-88 mm
+# short in 3 of 6 such tuning scenes, 1-24 mm with both starts): each prone hypothesis starts face left and face right,
+# and the better fit wins (same docs section). About the body's y axis; + turns the face to the body's left.
 PRONE_HEAD_TURN_RAD = 0.8
 
 
@@ -317,7 +317,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         hyps = [(p, a, turn) for p in positions for a in arms
                 for turn in ((PRONE_HEAD_TURN_RAD, -PRONE_HEAD_TURN_RAD) if p.endswith("P") else (0.0,))]
         base = torch.as_tensor(np.stack([POSITION_ROTATIONS[p] for p, _, _ in hyps]), dtype=torch.float32)
-        pose0 = torch.as_tensor(np.stack([canonical_pose(a, turn, p.endswith("P")) for p, a, turn in hyps]), dtype=torch.float32)
+        pose0 = torch.as_tensor(np.stack([canonical_pose(a, turn, p.endswith("P")) for p, a, turn in hyps]),
+                                dtype=torch.float32)
         yaw0 = _principal_yaw(pts)
     h = len(hyps)
     yaws, roots = np.full(h, yaw0), [None] * h

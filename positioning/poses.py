@@ -25,7 +25,7 @@ POSITION_ROTATIONS = {
 
 ARM_POSES = ("down", "up", "belly")
 # Prone, the ankles stretch about 60 degrees from standing (toes pointing along the table). Started at 0 (toes into the
-# mattress), fits of prone feet ended 30-70 mm short of the soles in 5 of 5 tuning plans examined, 3-14 mm from 1.1.
+# mattress), the five worst prone whole-body tuning plans ended 28-68 mm short of the soles; started at 1.1, 3-14 mm.
 PRONE_ANKLE_RAD = 1.1
 
 
