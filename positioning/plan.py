@@ -208,10 +208,8 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
                              for s in ("left", "right")])
     slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # the only points slab_section reads
-    in_slab = trunk & (np.abs(vertices[:, 1] - yc) < SLAB_HALF_MM)
-    on_head = np.isin(dominant_joint[in_slab], HEAD_JOINTS).mean() > 0.5 if in_slab.any() else False
     sec = slab_section(vertices, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
-                       prone=patient_position.endswith("P"), head=bool(on_head))
+                       prone=patient_position.endswith("P"), head_part=np.isin(dominant_joint, HEAD_JOINTS))
     if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
     top, bottom, x_c, lat, mesh_top, measured = sec
@@ -294,10 +292,11 @@ class SlabSection(NamedTuple):
 
 
 def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
-                 y_c: float, prone: bool = False, head: bool = False) -> SlabSection | None:
+                 y_c: float, prone: bool = False, head_part: np.ndarray | None = None) -> SlabSection | None:
     """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM.
 
-    vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out).
+    vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out);
+    head_part (V,) bool: the vertices skinned mostly to the neck and head.
     The front (top) is measured: the fitted front's top plus the median height of the
     observed points above the fitted front's top band, over the points in the slab and
     the trunk's middle whose nearest fitted vertex is trunk and within TRUNK_SURFACE_MM
@@ -310,16 +309,17 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     from 0 to 1 (continuous in the fit).
     Prone, the front bears the weight: chest, belly and pelvis lie on the mattress,
     so the bottom is the mattress top (a fitted front is not trusted to float above
-    it; docs/planning.md). On the head (head True) nothing says where its back
-    lies: a pillow, a head holder, a prone patient's arms or the neck may hold it
-    clear of the mattress, so the bottom is the measured front less the fitted
-    head's depth. Without enough measured
+    it; docs/planning.md). On the head (most of the slab's vertices in head_part)
+    nothing says where its back lies: a pillow, a head holder, a prone patient's
+    arms or the neck may hold it clear of the mattress, so the bottom is the
+    measured front less the fitted head's depth. Without enough measured
     trunk points the fitted front stands in (front_measured False). None when the
     fitted trunk has no cross-section there.
     """
     from scipy.spatial import cKDTree
 
-    s = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM)]
+    in_slab = trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM)
+    s = vertices[in_slab]
     if len(s) < 10:
         return None
     mesh_top = float(s[:, 2].max())
@@ -342,7 +342,7 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
         over = d_xy < BAND_XY_MM
         if over.sum() > MIN_SLAB_POINTS:
             top, measured = mesh_top + float(np.median(own[over, 2] - band[k[over], 2])), True
-    if head:
+    if head_part is not None and head_part[in_slab].mean() > 0.5:
         bottom = top - (mesh_top - back)
     return SlabSection(top, bottom, x_c, lat, mesh_top, measured)
 
