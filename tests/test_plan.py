@@ -15,7 +15,7 @@ import torch
 
 from positioning.plan import PlanRefused, ScannerSpec, load_protocol, make_plan, ssde_factor
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
-from positioning.skeleton import JOINT_INDEX, NUM_JOINTS
+from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, NUM_JOINTS
 
 REQUIRED = {"protocol", "patient_position", "table_height_mm", "body_thickness_mm", "iso_offset_lateral_mm",
             "scan_range_scanner_mm", "scan_range_table_mm", "landmarks_scanner_mm", "confidence", "warnings",
@@ -275,7 +275,7 @@ def test_the_heads_underside_hangs_from_its_measured_front(body_model):
         heights = [p.table_height_mm for p in plans]
         assert max(heights) - min(heights) < 0.01, (position, heights)
         yc = np.mean(list(plans[0].scan_range_scanner_mm.values()))
-        s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23])]
+        s = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, list(ARM_JOINTS))]
         assert abs(plans[0].body_thickness_mm - np.ptp(s[:, 2])) < 1.0  # the fitted head's own depth
 
 
