@@ -79,6 +79,7 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
                      "iso_err": plan.table_height_mm - reg["ideal_table_height_mm"],
                      "over_cr": (pr["cranial"] - reg["cranial_y_mm"]) * hd,
                      "over_ca": (reg["caudal_y_mm"] - pr["caudal"]) * hd, "ms": plan.timing_ms["total"],
+                     "fit_iterations": per.fit.iterations,  # the fit's cost, free of this machine's speed
                      "clipped": any(w["code"] == "RANGE_CLIPPED" for w in plan.warnings),
                      "thick_err": plan.body_thickness_mm - reg["body_thickness_mm"],
                      "true_clearance_mm": clear, "warnings": [w["code"] for w in plan.warnings], **warm})
@@ -108,6 +109,8 @@ def accuracy(model, net, n: int, protocol: str, seed0: int = SEED0, scene_config
             "position_correct": float(np.mean([r["position_ok"] for r in rows])),
             "warnings": dict(Counter(c for r in rows for c in r["warnings"])),
             "in_process_ms_median": float(np.median([r["ms"] for r in rows])),
+            "fit_iterations": {"median": float(np.median([r["fit_iterations"] for r in rows])),
+                               "mean": float(np.mean([r["fit_iterations"] for r in rows]))},
             "warm_replan": {"planned": len(w), "refused": len(rows) - len(w),
                             "ms_median": float(np.median([r["warm_ms"] for r in w])),
                             "iso_abs_err_mm_median": float(np.median(np.abs([r["warm_iso_err"] for r in w]))),
