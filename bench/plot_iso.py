@@ -64,8 +64,12 @@ def main() -> None:
         ap.error("give one --label per rows file, or none")
     runs = {}
     for name, path in zip(labels, a.rows):
-        rows = json.loads(path.read_text())
-        runs[name] = np.array([r["iso_err"] for r in rows if r.get("iso_err") is not None], float)
+        try:
+            runs[name] = np.array([r["iso_err"] for r in json.loads(path.read_text())], float)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            ap.error(f"{path}: not the rows of a bench/planning.py run ({type(exc).__name__}: {exc})")
+        if not len(runs[name]):
+            ap.error(f"{path}: no planned captures")
     out = {name: summary(err) for name, err in runs.items()}
     if a.plot:
         plot(runs, a.plot)

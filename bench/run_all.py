@@ -38,9 +38,12 @@ EXTRA = [
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),
                          "--out", f"bench/out/level-check-{c}.json"])
-     for c in ("depth-424x240", "depth-1280x720", "flying-pixels", "outliers", "anny-bodies")]
+     for c in ("depth-424x240", "depth-1280x720", "flying-pixels", "outliers", "anny-bodies")] \
+    + [("plot_iso.py", ["bench/out/planning.rows.json", "bench/out/planning-abdomen.rows.json",
+                        "--label", "chest", "--label", "abdomen", "--plot", "docs/figures/iso-error.png"])]
 
-runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name != "run_all.py"] + EXTRA
+# plot_iso.py reads the planning runs' rows, so it runs last (in EXTRA), not bare.
+runs = [(s.name, []) for s in sorted(HERE.glob("*.py")) if s.name not in ("run_all.py", "plot_iso.py")] + EXTRA
 for name, args in runs:
     print(f"== {name} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / name), *args], check=True)
