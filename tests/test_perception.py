@@ -117,6 +117,32 @@ def test_object_beside_the_patient_is_reported_not_fitted(body_model):
     assert abs(seg.objects[0].centre[0] + 210) < 40 and seg.objects[0].area_m2 > 0.005
 
 
+
+def test_sensor_noise_on_the_free_mattress_is_not_an_object(body_model):
+    """A tenth of the mattress's pixels in a 200 mm patch beside the patient read 30-45 mm high (the tail of a
+    depth camera's noise where its smooth error lifts the support): no object. A box only 50 mm high there is one."""
+    p = _scene(body_model, 31, pose="arms_down", patient_position="HFS", lateral_offset_mm=60.0, blanket=False,
+               yaw_deg=0.0)
+    table_top = p.mattress_mm - p.table_height_mm
+    cap, t = simulate(p, body_model)
+    y = t["joints_scanner_mm"]["right_knee"][1] - 200.0
+    patch = np.array([[x, yy, table_top] for x in (-235.0, -185.0) for yy in (y, y + 200.0)])
+    to_c = np.linalg.inv(cap.scene.camera_to_scanner)
+    c = patch @ to_c[:3, :3].T + to_c[:3, 3]
+    u, v = cap.camera.fx * c[:, 0] / c[:, 2] + cap.camera.cx, cap.camera.fy * c[:, 1] / c[:, 2] + cap.camera.cy
+    rows, cols = np.mgrid[int(v.min()):int(v.max()) + 1, int(u.min()):int(u.max()) + 1]
+    rng = np.random.default_rng(0)
+    lift = rng.random(rows.shape) < 0.1
+    depth = cap.depth.astype(np.float64)
+    mm = cap.camera.depth_scale * 1000.0
+    depth[rows[lift], cols[lift]] -= rng.uniform(30.0, 45.0, lift.sum()) / mm
+    noisy = dataclasses.replace(cap, depth=np.clip(depth, 0, None).astype(np.uint16))
+    assert segment_patient(noisy).objects == []
+    book = box([-235, y, table_top], [-185, y + 200, table_top + 50], "book")
+    seg = segment_patient(simulate(p, body_model, extra_meshes=[book])[0])
+    assert [w["code"] for w in seg.warnings] == ["OBJECT_BESIDE_PATIENT"] and abs(seg.objects[0].centre[0] + 210) < 40
+
+
 def _table_points(along_deg, across_deg, covered=(-1800.0, -300.0), half_width=220.0, seed=0):
     """(N, 3) mm, frame T: a mattress top 50 mm up, sloping as given, with 3 mm noise; a patient-sized block
     (its top 160-260 mm over the mattress) lies over it where y_T is in ``covered``."""
