@@ -12,8 +12,8 @@ HIRES = str(HERE / "scenes" / "depth-1280x720.toml")
 LORES = str(HERE / "scenes" / "depth-424x240.toml")
 FLYING = str(HERE / "scenes" / "flying-pixels.toml")
 OUTLIERS = str(HERE / "scenes" / "outliers.toml")
-# Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera,
-# other depth sizes, mixed edge pixels and outliers, a thin and a thick mattress (docs/planning.md,
+# Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera, other depth sizes,
+# mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry (docs/planning.md,
 # docs/perception.md); the level check's false alarms and misses on those scenes.
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
@@ -37,6 +37,8 @@ EXTRA = [
 ] + [("planning.py", ["--n", "100", "--k", "0", "--runs", "0", "--protocol", region, "--scene-config",
                        str(HERE / "scenes" / f"{m}-mattress.toml"), "--out", f"bench/out/planning-{m}-mattress-{region}.json"])
      for m in ("thin", "thick") for region in ("chest", "abdomen")] + [
+    ("planning.py", ["--n", "12", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "table-in-gantry.toml"),
+                     "--out", "bench/out/planning-table-in-gantry-chest.json"]),
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),

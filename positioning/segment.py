@@ -31,6 +31,9 @@ HIDDEN_DEPTH_MM = 40.0
 MIN_PATIENT_AREA_M2 = 0.12
 PERSON_AREA_M2 = 0.25  # a second part this large is a second person
 GANTRY_Y_S_MM = -500.0  # nearer the isocenter than this is the gantry's face or the bore
+# A patient seen within this of GANTRY_Y_S_MM reaches into the gantry (the simulator's patients, the table out at
+# loading, end 238 mm short of it or more in 200 held-out scenes: docs/planning.md).
+GANTRY_REACH_MM = 30.0
 STANDING_BESIDE_MM = 400.0  # beyond the footprint's side: where a person standing at the table is looked for
 # Of the points in an object's cells, at least this share is at body height; fewer, and the mattress is seen
 # between them: the tail of the sensor's noise (3 of 100 held-out scenes reported such a patch as an object,
@@ -416,6 +419,10 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
         warnings.append({"code": "OBJECT_BESIDE_PATIENT",
                          "message": f"object of {area * 1e4:.0f} cm² beside the patient, not fitted"})
     body_pts = label_of_point == body
+    # What lies past GANTRY_Y_S_MM was left out above: a patient reaching that far may go on into the gantry, where
+    # the region's end, and what the bore check must count (a raised hand), are not in the capture.
+    if pts_s[body_pts, 1].max() > GANTRY_Y_S_MM - GANTRY_REACH_MM:
+        raise SegmentationError("the patient reaches into the gantry: move the table out of it and capture again")
     # Half off the table: much of the patient lies over the footprint's lateral edge.
     bt = pts_t[body_pts]
     over = np.abs(bt[:, 0]) > FOOTPRINT_HALF_WIDTH_MM - 20

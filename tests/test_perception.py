@@ -296,6 +296,18 @@ def test_patient_half_off_the_table_is_refused(body_model):
         segment_patient(cap)
 
 
+
+def test_a_patient_reaching_into_the_gantry_is_refused(body_model):
+    """The table moved in with the patient on it, the raised hands and the head in the bore, past what the capture
+    keeps: refused (planned, the chest's range fell short of the apex and a hand in the bore went uncounted)."""
+    fixed = dict(pose="arms_up", patient_position="HFS", head_gap_mm=20.0, camera_target_y_mm=-950.0, yaw_deg=0.0)
+    inside, _ = simulate(_scene(body_model, 34, table_longitudinal_mm=-300.0, **fixed), body_model)
+    with pytest.raises(SegmentationError, match="reaches into the gantry"):
+        segment_patient(inside)
+    out, _ = simulate(_scene(body_model, 34, table_longitudinal_mm=-800.0, **fixed), body_model)
+    assert segment_patient(out).points_s[:, 1].max() < -600.0
+
+
 def test_a_second_person_is_refused(body_model):
     """Someone standing at the table's side, leaning in: refused, not fitted."""
     p = _scene(body_model, 34, pose="arms_down", patient_position="HFS", lateral_offset_mm=-40.0)
