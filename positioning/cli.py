@@ -93,7 +93,8 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
                      per.segmentation.support_z_s, cap.scene.table_height_mm, cap.scene.table_longitudinal_mm,
                      spec or ScannerSpec(), warnings, forearms(per),
-                     np.concatenate([per.segmentation.on_table_s, per.segmentation.hidden_s]))
+                     np.concatenate([per.segmentation.on_table_s, per.segmentation.hidden_s]),
+                     per.segmentation.off_image_s)
     t3 = time.perf_counter()
     timing = {"read_and_load": read_ms + (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
               "total": read_ms + (t3 - t0) * 1000}

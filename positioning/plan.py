@@ -29,6 +29,11 @@ SLAB_HALF_MM = 15.0
 # At least MIN_SLAB_POINTS points over the trunk's middle (MIDDLE_FRACTION of its width either side of its
 # centre: the flanks hold no top and may hold an arm); else the fitted front stands in.
 TOP_BAND_MM, BAND_XY_MM, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 10.0, 20, 0.35
+# A patient running off the camera's image: at least this many of its points at the image's edge. Within
+# OFF_IMAGE_NEAR_MM (along the table) of the planned range the plan is refused: the camera 0.85-1.0 m over the
+# table, 6 of 8 chest plans cut 0-130 mm from their range missed the apex (by up to 118 mm) or turned the patient,
+# and the 6 cut 183 mm or more from it were right (docs/planning.md, "A patient running off the image").
+OFF_IMAGE_POINTS, OFF_IMAGE_NEAR_MM = 20, 200.0
 # Forearms and hands resting on the body are not its front: points within this
 # top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
 # forearm's line continued by a hand's length), are left out of the slab's front.
@@ -163,7 +168,7 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
               observed_points: np.ndarray, support_z_mm: float, table_height_mm: float,
               table_longitudinal_mm: float, spec: ScannerSpec = ScannerSpec(),
               extra_warnings: list[dict[str, str]] | None = None, forearms: np.ndarray | None = None,
-              on_table: np.ndarray | None = None) -> Plan:
+              on_table: np.ndarray | None = None, off_image: np.ndarray | None = None) -> Plan:
     """The plan for one fitted body.
 
     vertices (V, 3), joints (24, 3), landmarks {name: (3,)}, observed_points (N, 3)
@@ -175,6 +180,8 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     on_table: (M, 3) mm, frame S: everything measured at body height on and beside
     the table and the hidden ends of the camera rays through it (Segmentation.on_table_s
     and .hidden_s), which the bore check counts as well; observed_points when None.
+    off_image: (K, 3) mm, frame S: the patient's points at the image's edge, where the
+    body runs off it (Segmentation.off_image_s); near the range it refuses, elsewhere it warns.
     """
     head_dir = 1.0 if patient_position.startswith("H") else -1.0
     warnings = list(extra_warnings or [])
@@ -189,6 +196,18 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         if not lo - 50.0 <= y <= hi + 50.0:
             raise PlanRefused("REGION_NOT_VISIBLE", f"the {protocol.name} region's {end} end is outside the "
                                                     f"camera's view of the patient")
+
+    if off_image is not None and len(off_image) >= OFF_IMAGE_POINTS:
+        # What runs off the image near the range may be the region's end, or the head and shoulders that place it.
+        lo, hi = min(cr, ca), max(cr, ca)
+        gap = float(np.abs(off_image[:, 1] - np.clip(off_image[:, 1], lo, hi)).min())
+        if gap < OFF_IMAGE_NEAR_MM:
+            raise PlanRefused("REGION_NOT_VISIBLE", f"the patient runs off the camera's image {gap:.0f} mm from the "
+                                                    f"{protocol.name} range: move the patient or the table into the "
+                                                    f"camera's view and capture again")
+        warnings.append({"code": "PATIENT_OFF_IMAGE", "message": "part of the patient is off the camera's image; the "
+                                                                 "bore check cannot count it: watch it as the table "
+                                                                 "moves in"})
 
     # Clip to what the table can bring to the isocenter: y_T in [-long_max, -long_min].
     to_t = -table_longitudinal_mm

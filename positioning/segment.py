@@ -117,6 +117,8 @@ class Segmentation:
     support). The space between a point and its hidden end is unseen and may hold
     body (the flank of an obese patient below its widest point); the bore check
     counts it.
+    off_image_s: (K, 3) float32, mm, frame S: the patient's points on the image's outermost two rows and
+    columns, where the body runs off the camera's image (none when it is all in view).
     """
 
     points_s: np.ndarray
@@ -130,6 +132,7 @@ class Segmentation:
     on_table_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
     hidden_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
     support_tilt_deg: tuple[float | None, float | None] = (None, None)
+    off_image_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
 
 
 def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None, float | None]:
@@ -448,7 +451,11 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     on_table = pts_s[at_body_height & ~alone]
     hidden = hidden_ends(on_table, sc.camera_to_scanner[:3, 3],
                          float(support - sc.table_height_mm) + MIN_CLEARANCE_MM)
+    # The patient's points on the image's outermost rows and columns: the body runs off the image there.
+    h, w = depth.shape
+    r, c = rows[body_pts], cols[body_pts]
+    off_image = (r <= 1) | (r >= h - 2) | (c <= 1) | (c >= w - 2)
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),
                         float(support - sc.table_height_mm), hm_out,
                         (-FOOTPRINT_HALF_WIDTH_MM + CELL_MM / 2, y_lo + CELL_MM / 2), float(body_area), objects,
-                        warnings, on_table, hidden, tilt)
+                        warnings, on_table, hidden, tilt, pts_s[body_pts][off_image].astype(np.float32))

@@ -301,6 +301,43 @@ def test_region_out_of_view_is_refused(body_model):
         make_plan(load_protocol("head"), v, j, lv, dom, "HFS", 0.9, 5.0, legs_only, -190.0, 250.0, -1000.0)
 
 
+
+def test_a_patient_off_the_image_near_the_range_is_refused_and_elsewhere_warned(body_model):
+    """The body runs off the camera's image: through the head, 100 mm beyond the chest's range, the plan is
+    refused; at the feet the plan stands, warned that the bore check cannot count what is off the image."""
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    chest = load_protocol("chest")
+    plan = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    head = pts[np.abs(pts[:, 1] - plan.scan_range_scanner_mm["cranial"] - 100.0) < 8.0]
+    feet = pts[pts[:, 1] < pts[:, 1].min() + 5.0]
+    with pytest.raises(PlanRefused, match=r"runs off the camera's image \d+ mm from the chest range") as err:
+        make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, off_image=head[:40])
+    assert err.value.code == "REGION_NOT_VISIBLE"
+    warned = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, off_image=feet[:40])
+    assert [w["code"] for w in warned.warnings] == [w["code"] for w in plan.warnings] + ["PATIENT_OFF_IMAGE"]
+    assert warned.table_height_mm == plan.table_height_mm
+    # A few pixels at the edge (a fingertip) are not a body running off the image.
+    assert make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
+                     off_image=head[:5]).warnings == plan.warnings
+
+
+
+def test_a_camera_too_close_to_see_the_head_refuses_the_chest(body_model, keypoint_net):
+    """A camera 0.88 m over the table cuts the head of a head-first patient off the image's gantry side: the
+    chest's plan is refused (planned, its range stopped 118 mm short of the lungs' apex)."""
+    from positioning.cli import plan_from_capture
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    cfg = {**load_config(None), "camera_height_mm": [850.0, 1000.0], "bore_diameter_mm": 850.0}
+    p = sample_scene(40_000_004, cfg, body_model.data.train["betas"])
+    assert p.patient_position == "HFS" and p.camera_height_mm < 900.0
+    cap, _ = simulate(p, body_model)
+    with pytest.raises(PlanRefused, match="runs off the camera's image 0 mm from the chest range") as err:
+        plan_from_capture(cap, "chest", body_model, keypoint_net, ScannerSpec(bore_diameter_mm=850.0))
+    assert err.value.code == "REGION_NOT_VISIBLE"
+
+
 def test_patient_moved_is_detected(body_model):
     from positioning.plan import patient_moved
 
