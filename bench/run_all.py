@@ -13,7 +13,8 @@ LORES = str(HERE / "scenes" / "depth-424x240.toml")
 FLYING = str(HERE / "scenes" / "flying-pixels.toml")
 OUTLIERS = str(HERE / "scenes" / "outliers.toml")
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera, other depth sizes,
-# mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry (docs/planning.md,
+# mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry,
+# a camera too close to see the whole patient (docs/planning.md,
 # docs/perception.md); the level check's false alarms and misses on those scenes.
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
@@ -39,6 +40,8 @@ EXTRA = [
      for m in ("thin", "thick") for region in ("chest", "abdomen")] + [
     ("planning.py", ["--n", "12", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "table-in-gantry.toml"),
                      "--out", "bench/out/planning-table-in-gantry-chest.json"]),
+    ("planning.py", ["--n", "16", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "camera-too-close.toml"),
+                     "--out", "bench/out/planning-camera-too-close-chest.json"]),
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),
