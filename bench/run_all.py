@@ -13,9 +13,9 @@ LORES = str(HERE / "scenes" / "depth-424x240.toml")
 FLYING = str(HERE / "scenes" / "flying-pixels.toml")
 OUTLIERS = str(HERE / "scenes" / "outliers.toml")
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera, other depth sizes,
-# mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry,
-# a camera too close to see the whole patient (docs/planning.md,
-# docs/perception.md); the level check's false alarms and misses on those scenes.
+# mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry, a camera too
+# close to see the whole patient (docs/planning.md, docs/perception.md); the level check's false alarms and
+# misses on those scenes.
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
