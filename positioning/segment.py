@@ -37,7 +37,7 @@ GANTRY_REACH_MM = 30.0
 STANDING_BESIDE_MM = 400.0  # beyond the footprint's side: where a person standing at the table is looked for
 # Of the points in an object's cells, at least this share is at body height; fewer, and the mattress is seen
 # between them: the tail of the sensor's noise (3 of 100 held-out scenes reported such a patch as an object,
-# 3-4 % of its points at body height; docs/perception.md).
+# 6-14 % of the points in its cells at body height; a box on the mattress, or feet, 93-100 %; docs/perception.md).
 OBJECT_COVER = 0.5
 # A pixel this fraction of its depth behind the nearest and in front of the farthest depth around it (5 x 5) lies
 # between two surfaces: a real surface would have to be seen more than 81 degrees off its normal (60 mm over two
