@@ -14,8 +14,8 @@ FLYING = str(HERE / "scenes" / "flying-pixels.toml")
 OUTLIERS = str(HERE / "scenes" / "outliers.toml")
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera, other depth sizes,
 # mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry, a camera too
-# close to see the whole patient (docs/planning.md, docs/perception.md); the level check's false alarms and
-# misses on those scenes.
+# close to see the whole patient, a narrower camera, a patient askew (docs/planning.md, docs/perception.md); the
+# level check's false alarms and misses on those scenes.
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
@@ -42,6 +42,10 @@ EXTRA = [
                      "--out", "bench/out/planning-table-in-gantry-chest.json"]),
     ("planning.py", ["--n", "16", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "camera-too-close.toml"),
                      "--out", "bench/out/planning-camera-too-close-chest.json"]),
+    ("planning.py", ["--n", "24", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "narrow-camera.toml"),
+                     "--out", "bench/out/planning-narrow-camera-chest.json"]),
+    ("planning.py", ["--n", "24", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "patient-askew.toml"),
+                     "--out", "bench/out/planning-patient-askew-chest.json"]),
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),
