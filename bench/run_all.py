@@ -12,6 +12,14 @@ HIRES = str(HERE / "scenes" / "depth-1280x720.toml")
 LORES = str(HERE / "scenes" / "depth-424x240.toml")
 FLYING = str(HERE / "scenes" / "flying-pixels.toml")
 OUTLIERS = str(HERE / "scenes" / "outliers.toml")
+
+
+def scene_plan(scene: str, n: int, region: str = "chest") -> tuple[str, list[str]]:
+    """planning.py's accuracy run alone (no three positions, no fresh processes) on bench/scenes/<scene>.toml."""
+    return ("planning.py", ["--n", str(n), "--k", "0", "--runs", "0", "--protocol", region, "--scene-config",
+                            str(HERE / "scenes" / f"{scene}.toml"), "--out", f"bench/out/planning-{scene}-{region}.json"])
+
+
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera, other depth sizes,
 # mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry, a camera too
 # close to see the whole patient, a narrower camera, a patient askew (docs/planning.md, docs/perception.md); the
@@ -35,17 +43,9 @@ EXTRA = [
                      "--out", "bench/out/planning-flying-chest.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", OUTLIERS,
                      "--out", "bench/out/planning-outliers-chest.json"]),
-] + [("planning.py", ["--n", "100", "--k", "0", "--runs", "0", "--protocol", region, "--scene-config",
-                       str(HERE / "scenes" / f"{m}-mattress.toml"), "--out", f"bench/out/planning-{m}-mattress-{region}.json"])
-     for m in ("thin", "thick") for region in ("chest", "abdomen")] + [
-    ("planning.py", ["--n", "12", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "table-in-gantry.toml"),
-                     "--out", "bench/out/planning-table-in-gantry-chest.json"]),
-    ("planning.py", ["--n", "16", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "camera-too-close.toml"),
-                     "--out", "bench/out/planning-camera-too-close-chest.json"]),
-    ("planning.py", ["--n", "24", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "narrow-camera.toml"),
-                     "--out", "bench/out/planning-narrow-camera-chest.json"]),
-    ("planning.py", ["--n", "24", "--k", "0", "--runs", "0", "--scene-config", str(HERE / "scenes" / "patient-askew.toml"),
-                     "--out", "bench/out/planning-patient-askew-chest.json"]),
+] + [scene_plan(f"{m}-mattress", 100, region) for m in ("thin", "thick") for region in ("chest", "abdomen")] + [
+    scene_plan("table-in-gantry", 12), scene_plan("camera-too-close", 16), scene_plan("narrow-camera", 24),
+    scene_plan("patient-askew", 24),
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),

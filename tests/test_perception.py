@@ -117,7 +117,6 @@ def test_object_beside_the_patient_is_reported_not_fitted(body_model):
     assert abs(seg.objects[0].centre[0] + 210) < 40 and seg.objects[0].area_m2 > 0.005
 
 
-
 def test_sensor_noise_on_the_free_mattress_is_not_an_object(body_model):
     """A tenth of the mattress's pixels in a 200 mm patch beside the patient read 30-45 mm high (the tail of a
     depth camera's noise where its smooth error lifts the support): no object. A box only 50 mm high there is one."""
@@ -296,10 +295,9 @@ def test_patient_half_off_the_table_is_refused(body_model):
         segment_patient(cap)
 
 
-
 def test_a_patient_reaching_into_the_gantry_is_refused(body_model):
     """The table moved in with the patient on it, the raised hands and the head in the bore, past what the capture
-    keeps: refused (planned, the chest's range fell short of the apex and a hand in the bore went uncounted)."""
+    keeps: refused (planned, the chest's range fell short of the apex and a raised hand past the cut went uncounted)."""
     fixed = dict(pose="arms_up", patient_position="HFS", head_gap_mm=20.0, camera_target_y_mm=-950.0, yaw_deg=0.0)
     inside, _ = simulate(_scene(body_model, 34, table_longitudinal_mm=-300.0, **fixed), body_model)
     with pytest.raises(SegmentationError, match="reaches into the gantry"):

@@ -301,7 +301,6 @@ def test_region_out_of_view_is_refused(body_model):
         make_plan(load_protocol("head"), v, j, lv, dom, "HFS", 0.9, 5.0, legs_only, -190.0, 250.0, -1000.0)
 
 
-
 def test_a_patient_off_the_image_near_the_range_is_refused_and_elsewhere_warned(body_model):
     """The body runs off the camera's image: through the head, 100 mm beyond the chest's range, the plan is
     refused; at the feet the plan stands, warned that the bore check cannot count what is off the image."""
@@ -319,7 +318,6 @@ def test_a_patient_off_the_image_near_the_range_is_refused_and_elsewhere_warned(
     # A few pixels at the edge (a fingertip) are not a body running off the image.
     assert make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
                      off_image=head[:5]).warnings == plan.warnings
-
 
 
 def test_a_camera_too_close_to_see_the_head_refuses_the_chest(body_model, keypoint_net):
