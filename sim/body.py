@@ -34,9 +34,19 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
     """(69,) SMPL body pose for a named CT pose with per-patient jitter (radians)."""
     p = np.zeros(69)
     u = rng.uniform
-    arms = name if name in ("arms_up", "hands_on_belly") else (
+    arms = name if name in ("arms_up", "hands_on_belly", "one_arm_up") else (
         "hands_on_belly" if u() < 0.3 and name == "knees_bent" and not prone else "arms_down")
-    if arms == "arms_down":
+    if arms == "one_arm_up":
+        # One arm raised beside the head, the other at the side (a stiff shoulder, a drip line): not in the
+        # default draw, so the held-out scenes stay as they were; a scene config asks for it.
+        up, sg = ("left", 1.0) if u() < 0.5 else ("right", -1.0)
+        down = "right" if up == "left" else "left"
+        _set(p, f"{up}_collar", [0, 0, sg * u(0.1, 0.3)])
+        _set(p, f"{up}_shoulder", [0, 0, sg * u(1.35, 1.6)])
+        _set(p, f"{up}_elbow", [0, 0, sg * u(0.3, 1.5)])
+        _set(p, f"{down}_shoulder", [0, 0, sg * u(1.25, 1.45)])
+        _set(p, f"{down}_elbow", [0, sg * u(0.0, 0.25), 0])
+    elif arms == "arms_down":
         a = u(1.25, 1.45)
         _set(p, "left_shoulder", [0, 0, -a])
         _set(p, "right_shoulder", [0, 0, a])

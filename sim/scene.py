@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-POSES = ("arms_down", "arms_up", "hands_on_belly", "knees_bent")
+POSES = ("arms_down", "arms_up", "hands_on_belly", "knees_bent", "one_arm_up")
 from positioning.poses import POSITIONS
 
 # Default ranges: what a CT room sees. Lengths mm, angles degrees.
@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "depth_resolution": "848x480",  # "WxH"; fx above is for 848 px wide and scales with the width (same field of view)
     "flying_fraction": 0.0,  # of the depth-edge pixels, those given a mixed depth instead of none (sim/render.py)
     "outlier_fraction": 0.0,  # of all pixels, those given a random depth over the sensor's range (sim/render.py)
+    "head_pillow_mm": 0.0,  # a pillow under a supine patient's head, the neck bent to lie on it; 0: none
 }
 WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
 
@@ -89,6 +90,7 @@ class SceneParams:
     depth_resolution: str = "848x480"
     flying_fraction: float = 0.0
     outlier_fraction: float = 0.0
+    head_pillow_mm: float = 0.0
     pose_seed: int = 0
     source_body: int = -1  # index of the model's training body the shape was drawn around
     anny_phenotype: dict[str, float] = field(default_factory=dict)
@@ -132,6 +134,10 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
                 for x in (v if isinstance(v, list) else [v])):
             raise SceneConfigError(f"{p}: {k} must be a number from 0 to 1")
+        if k == "head_pillow_mm" and not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 150
+                for x in (v if isinstance(v, list) else [v])):
+            raise SceneConfigError(f"{p}: head_pillow_mm must be a number from 0 to 150 (mm)")
         cfg[k] = v
     return cfg
 

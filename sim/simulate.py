@@ -21,6 +21,7 @@ SLAB_HALF_MM = 15.0
 TRUNK_JOINTS = ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar")
 LABEL_COLOURS = {"floor": (0.45, 0.45, 0.43), "pedestal": (0.8, 0.8, 0.78), "tabletop": (0.2, 0.2, 0.22),
                  "mattress": (0.25, 0.35, 0.55), "gantry": (0.9, 0.9, 0.88), "cushion": (0.3, 0.5, 0.6),
+                 "pillow": (0.85, 0.85, 0.8),
                  "blanket": (0.85, 0.88, 0.92)}
 
 
@@ -165,6 +166,12 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     """
     rng = rng if rng is not None else np.random.default_rng(p.pose_seed)
     body_pose = make_pose(p.pose, p.patient_position.endswith("P"), rng)
+    if p.head_pillow_mm > 0 and p.patient_position.endswith("S"):
+        # The neck and head bend forwards until the back of the head (some 180 mm from the neck joint) is
+        # about the pillow's height up; the pillow then fills the gap (simulate()).
+        bend = math.asin(min(p.head_pillow_mm / 180.0, 0.8))
+        for joint, share in (("neck", 0.6), ("head", 0.4)):
+            body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * bend
     template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
     verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
     verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
@@ -194,6 +201,15 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
         near = np.abs(verts[:, 1] - y) < 60
         top = verts[near, 2].min() if near.any() else mattress_top + 100
         meshes.append(box([-220, y - 160, mattress_top], [220, y + 160, top], "cushion"))
+    if p.head_pillow_mm > 0 and p.patient_position.endswith("S") and with_patient:
+        # Under the raised head, from the mattress to the head's underside: as wide as a pillow, as long as
+        # the head, so the raised arms beside it may rest on its edge.
+        head = verts[model.data.weights.argmax(1) == JOINT_INDEX["head"]]
+        y0, y1 = head[:, 1].min() + 20, head[:, 1].max() - 20
+        top = head[:, 2].min()
+        if top > mattress_top + 5:
+            meshes.append(box([joints[JOINT_INDEX["head"], 0] - 200, y0, mattress_top],
+                              [joints[JOINT_INDEX["head"], 0] + 200, y1, top], "pillow"))
     head_dir = 1.0 if p.patient_position.startswith("H") else -1.0
     if p.blanket and with_patient:
         hips_y = 0.5 * (joints[JOINT_INDEX["left_hip"], 1] + joints[JOINT_INDEX["right_hip"], 1])

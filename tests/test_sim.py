@@ -161,12 +161,52 @@ def test_outliers_are_random_depths_at_their_share_of_the_pixels():
     ("flying_fraction = 1.5", "from 0 to 1"),
     ("flying_fraction = 'some'", "from 0 to 1"),
     ("outlier_fraction = -0.1", "outlier_fraction must be a number from 0 to 1"),
+    ("head_pillow_mm = 400", "head_pillow_mm must be a number from 0 to 150"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
     f.write_text(text)
     with pytest.raises(SceneConfigError, match=expect):
         load_config(f)
+
+
+def test_one_arm_up_raises_one_wrist_past_its_shoulder_and_lowers_the_other(body_model):
+    """A pose the default draw leaves out (a stiff shoulder, a drip line), for other tools' kinds of capture."""
+    from positioning.skeleton import JOINT_INDEX
+
+    cfg = {**load_config(None), "pose": "one_arm_up", "patient_position": "HFS"}
+    raised = set()
+    for seed in range(6):
+        j = posed_patient(sample_scene(seed, cfg, body_model.data.train["betas"]), body_model)[2]
+        # HFS: the head lies towards +y (the gantry); beyond the shoulder towards it is raised.
+        reach = {s: j[JOINT_INDEX[f"{s}_wrist"], 1] - j[JOINT_INDEX[f"{s}_shoulder"], 1] for s in ("left", "right")}
+        up = [s for s, r in reach.items() if r > 100]
+        assert len(up) == 1 and min(reach.values()) < -200, reach
+        raised.add(up[0])
+    assert raised == {"left", "right"}
+
+
+def test_a_head_pillow_lifts_a_supine_head_and_fills_the_gap_under_it(body_model):
+    """head_pillow_mm bends the neck so the head lies on a pillow that the camera sees around it; the default
+    scenes are drawn unchanged (the option is last and fixed)."""
+    from positioning.skeleton import JOINT_INDEX
+
+    cfg = {**load_config(None), "patient_position": "HFS", "pose": "arms_down"}
+    p = sample_scene(5, cfg, body_model.data.train["betas"])
+    pillow = dataclasses.replace(p, head_pillow_mm=80.0)
+    assert sample_scene(5, {**cfg, "head_pillow_mm": 80.0}, body_model.data.train["betas"]) == pillow
+    head = body_model.data.weights.argmax(1) == JOINT_INDEX["head"]
+    mattress_top = p.mattress_mm - p.table_height_mm
+    lift = [posed_patient(q, body_model)[1][head, 2].min() - mattress_top for q in (p, pillow)]
+    assert lift[1] - lift[0] > 40
+    (cap0, _), (cap, _) = simulate(p, body_model), simulate(pillow, body_model)
+    # Beside the head the camera now sees the pillow's top, not the mattress.
+    c0, c = (transform(depth_to_points(k.depth_mm(), k.camera)[k.depth > 0], k.scene.camera_to_scanner)
+             for k in (cap0, cap))
+    j = posed_patient(pillow, body_model)[2][JOINT_INDEX["head"]]
+    near = [np.abs(q[:, 1] - j[1]) < 40 for q in (c0, c)]
+    beside = [(np.abs(q[:, 0] - j[0]) > 120) & (np.abs(q[:, 0] - j[0]) < 190) & m for q, m in zip((c0, c), near)]
+    assert np.median(c0[beside[0], 2]) < mattress_top + 15 < mattress_top + 40 < np.median(c[beside[1], 2])
 
 
 def test_a_body_of_its_own_is_posed_not_the_model_template(body_model):
