@@ -16,6 +16,7 @@ from positioning.bodymodel import BodyModel
 from positioning.poses import POSITION_ROTATIONS
 from positioning.skeleton import JOINT_INDEX as J
 from positioning.skeleton import NUM_JOINTS, PARENTS
+from sim.room import mattress_top_t as mattress_surface_t
 
 def _set(pose: np.ndarray, joint: str, rotvec) -> None:
     i = J[joint] - 1  # body_pose excludes the pelvis
@@ -226,8 +227,8 @@ def swing(p: np.ndarray, w: np.ndarray, root: np.ndarray, r: np.ndarray) -> np.n
 def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
                table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0,
-               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]] = ()
-               ) -> tuple[np.ndarray, ...]:
+               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]] = (),
+               mattress_curve_mm: float = 0.0) -> tuple[np.ndarray, ...]:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
 
     The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's
@@ -235,7 +236,8 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     about their roots to rest on it too (``limb_swings``; limbs: (the limb's (V,)
     skinning weight, its chain of joint indices from the root, the two joints whose
     line is the swing axis, None or the (V,) weight of its far part, which drops onto
-    the mattress when in the air)).
+    the mattress when in the air)). On a curved mattress (mattress_curve_mm, ``sim.room.mattress_top_t``) the trunk
+    rests on the top's height under its pelvis.
     It then sinks sink_mm into mattress and soft tissue: what would pass
     below the mattress top is flattened onto it (the back under a lying patient is
     flat). Its pelvis lies lateral_mm off the table centre line, its gantry-side end
@@ -259,10 +261,12 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
         v = swing(v, w, root, r)
         jj[list(chain)] = swing(jj[list(chain)], np.ones(len(chain)), root, r)
     # Table frame: z up from the tabletop surface, y along the table, origin at the head mark.
-    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), mattress_top_t - floor - sink_mm])
+    rest_z = mattress_surface_t(lateral_mm, mattress_top_t, mattress_curve_mm)
+    shift = np.array([lateral_mm - jj[0, 0], -head_gap_mm - v[:, 1].max(), rest_z - floor - sink_mm])
     to_s = np.array([0.0, table_long_mm, -table_height_mm])
     out = [a + shift + to_s for a in (v, jj, f)]
-    out[0][:, 2] = np.maximum(out[0][:, 2], mattress_top_t - table_height_mm)
+    out[0][:, 2] = np.maximum(out[0][:, 2],
+                              mattress_surface_t(out[0][:, 0], mattress_top_t, mattress_curve_mm) - table_height_mm)
     return out[0], out[1], out[2], {k: p + shift + to_s for k, p in lv.items()}
 
 

@@ -64,19 +64,46 @@ def gantry(bore_diameter: float, n: int = 96) -> Mesh:
     return Mesh(np.concatenate(verts), np.concatenate(faces).astype(np.int32), "gantry")
 
 
-def table_meshes(table_height: float, table_long: float, mattress_mm: float) -> list[Mesh]:
+def mattress_top_t(x_t, mattress_mm: float, curve_mm: float = 0.0):
+    """z_T (mm) of the mattress's top at x_T: mattress_mm on the centre line, rising by curve_mm at its long edges
+    (a parabola across, as on a curved tabletop; flat when curve_mm is 0)."""
+    return mattress_mm + curve_mm * (2.0 * np.asarray(x_t, float) / MATTRESS_WIDTH) ** 2
+
+
+def mattress(mattress_mm: float, curve_mm: float = 0.0, n: int = 24) -> Mesh:
+    """The mattress in frame T: flat below, its top ``mattress_top_t`` across in n strips, the same along its length."""
+    x = np.linspace(-MATTRESS_WIDTH / 2, MATTRESS_WIDTH / 2, n + 1)
+    y0, y1 = MATTRESS_HEAD_Y_T - MATTRESS_LENGTH, MATTRESS_HEAD_Y_T
+    z = mattress_top_t(x, mattress_mm, curve_mm)
+    # Vertices: top at y0, top at y1, bottom at y0, bottom at y1 (each n + 1 across).
+    v = np.concatenate([np.column_stack([x, np.full_like(x, y), zz]) for y, zz in
+                        ((y0, z), (y1, z), (y0, 0 * z), (y1, 0 * z))])
+    m = n + 1
+    i = np.arange(n)
+    faces = []
+    for a, b in ((0, m), (2 * m, 3 * m), (0, 2 * m), (m, 3 * m)):  # top, bottom, the two ends
+        faces += [np.column_stack([a + i, b + i, b + i + 1]), np.column_stack([a + i, b + i + 1, a + i + 1])]
+    for c in (0, n):  # the long sides
+        faces.append(np.array([[c, m + c, 3 * m + c], [c, 3 * m + c, 2 * m + c]]))
+    return Mesh(v, np.concatenate(faces).astype(np.int32), "mattress")
+
+
+def table_meshes(table_height: float, table_long: float, mattress_mm: float, curve_mm: float = 0.0) -> list[Mesh]:
     """Tabletop and mattress at the given table state (frame S)."""
     off = np.array([0.0, table_long, -table_height])
     top = box([-TABLETOP_WIDTH / 2, TABLETOP_HEAD_Y_T - TABLETOP_LENGTH, -TABLETOP_THICKNESS],
               [TABLETOP_WIDTH / 2, TABLETOP_HEAD_Y_T, 0.0], "tabletop")
-    mat = box([-MATTRESS_WIDTH / 2, MATTRESS_HEAD_Y_T - MATTRESS_LENGTH, 0.0],
-              [MATTRESS_WIDTH / 2, MATTRESS_HEAD_Y_T, mattress_mm], "mattress")
+    mat = mattress(mattress_mm, curve_mm) if curve_mm else box(
+        [-MATTRESS_WIDTH / 2, MATTRESS_HEAD_Y_T - MATTRESS_LENGTH, 0.0],
+        [MATTRESS_WIDTH / 2, MATTRESS_HEAD_Y_T, mattress_mm], "mattress")
     return [Mesh(m.vertices + off, m.faces, m.label) for m in (top, mat)]
 
 
-def room_meshes(table_height: float, table_long: float, mattress_mm: float, bore_diameter: float) -> list[Mesh]:
+def room_meshes(table_height: float, table_long: float, mattress_mm: float, bore_diameter: float,
+                mattress_curve_mm: float = 0.0) -> list[Mesh]:
     """Everything but the patient: floor, table pedestal, tabletop, mattress, gantry."""
     floor = box([-4000, -9000, FLOOR_Z - 10], [4000, 4000, FLOOR_Z], "floor")
     pedestal = box([-250, table_long - 1700, FLOOR_Z], [250, table_long - 500, -table_height - TABLETOP_THICKNESS - 120],
                    "pedestal")
-    return [floor, pedestal, *table_meshes(table_height, table_long, mattress_mm), gantry(bore_diameter)]
+    return [floor, pedestal, *table_meshes(table_height, table_long, mattress_mm, mattress_curve_mm),
+            gantry(bore_diameter)]

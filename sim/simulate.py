@@ -176,7 +176,8 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
     verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
                                             p.lateral_offset_mm, p.head_gap_mm, p.mattress_mm, p.table_height_mm,
-                                            p.table_longitudinal_mm, _trunk(model), p.sink_mm, _limbs(model))
+                                            p.table_longitudinal_mm, _trunk(model), p.sink_mm, _limbs(model),
+                                            p.mattress_curve_mm)
     return template, verts, joints, face, levels
 
 
@@ -192,7 +193,8 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     mattress_top = mattress_top_t - p.table_height_mm
     faces = model.faces.astype(np.int32)
     body = Mesh(verts, faces, "body")
-    room = room_meshes(p.table_height_mm, p.table_longitudinal_mm, p.mattress_mm, p.bore_diameter_mm)
+    room = room_meshes(p.table_height_mm, p.table_longitudinal_mm, p.mattress_mm, p.bore_diameter_mm,
+                       p.mattress_curve_mm)
     meshes = room + ([body] if with_patient else []) + list(extra_meshes or [])
     if p.pose == "knees_bent" and with_patient:
         # Supine, the cushion is under the knees; prone, under the raised shins.

@@ -162,6 +162,7 @@ def test_outliers_are_random_depths_at_their_share_of_the_pixels():
     ("flying_fraction = 'some'", "from 0 to 1"),
     ("outlier_fraction = -0.1", "outlier_fraction must be a number from 0 to 1"),
     ("head_pillow_mm = 400", "head_pillow_mm must be a number from 0 to 150"),
+    ("mattress_curve_mm = -5", "mattress_curve_mm must be a number from 0 to 100"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
@@ -207,6 +208,30 @@ def test_a_head_pillow_lifts_a_supine_head_and_fills_the_gap_under_it(body_model
     near = [np.abs(q[:, 1] - j[1]) < 40 for q in (c0, c)]
     beside = [(np.abs(q[:, 0] - j[0]) > 120) & (np.abs(q[:, 0] - j[0]) < 190) & m for q, m in zip((c0, c), near)]
     assert np.median(c0[beside[0], 2]) < mattress_top + 15 < mattress_top + 40 < np.median(c[beside[1], 2])
+
+
+def test_a_curved_mattress_rises_at_its_edges_and_the_back_lies_in_it(body_model):
+    """mattress_curve_mm: a curved tabletop's mattress, its top mattress_mm on the centre line and that much higher
+    at the long edges; the patient's back lies on it (nothing below it), the default scenes drawn unchanged."""
+    from sim.room import MATTRESS_WIDTH
+
+    cfg = {**load_config(None), "patient_position": "HFS", "pose": "arms_down", "blanket": False, "yaw_deg": 0.0,
+           "lateral_offset_mm": 0.0}
+    p = sample_scene(7, cfg, body_model.data.train["betas"])
+    curved = dataclasses.replace(p, mattress_curve_mm=30.0)
+    assert sample_scene(7, {**cfg, "mattress_curve_mm": 30.0}, body_model.data.train["betas"]) == curved
+    cap, _ = simulate(curved, body_model)
+    pts = transform(depth_to_points(cap.depth_mm(), cap.camera)[cap.depth > 0], cap.scene.camera_to_scanner)
+    centre_z = p.mattress_mm - p.table_height_mm
+    verts = posed_patient(curved, body_model)[1]
+    # Seen beside the shins (HFS: the feet towards -y): the mattress's top near its edges, to the sensor's noise.
+    y = posed_patient(curved, body_model)[2][0, 1]
+    for x in (-0.45, 0.45):
+        at = pts[(np.abs(pts[:, 0] - x * MATTRESS_WIDTH) < 8) & (np.abs(pts[:, 1] - y + 600) < 60)]
+        assert abs(np.median(at[:, 2]) - (centre_z + 30.0 * 0.9 ** 2)) < 4.0
+    surface = centre_z + 30.0 * (2 * verts[:, 0] / MATTRESS_WIDTH) ** 2
+    on = np.abs(verts[:, 0]) < MATTRESS_WIDTH / 2
+    assert (verts[on, 2] >= surface[on] - 1e-6).all() and (verts[on, 2] < surface[on] + 1.0).sum() > 100
 
 
 def test_a_body_of_its_own_is_posed_not_the_model_template(body_model):
