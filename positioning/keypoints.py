@@ -304,6 +304,6 @@ def detect_keypoints(seg: Segmentation, table_height_mm: float, table_longitudin
     position = position_from_sides(xy_t[:, 1], p_prone)
     order = list(side_to_anatomy(position))
     xy_t, hts, conf = xy_t[order], hts[order], conf[order]
-    z_s = seg.support_z_s + hts
+    z_s = seg.support_z_at(xy_t[:, 0]) + hts  # x_T = x_S
     pts = np.column_stack([xy_t[:, 0], xy_t[:, 1] + table_longitudinal_mm, z_s])
     return Keypoints(pts, conf, position, p_prone)

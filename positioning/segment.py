@@ -76,6 +76,17 @@ TABLETOP_MIDDLE_HALF_MM = 180.0
 BELOW_TABLETOP_MM = 25.0
 BELOW_SEARCH_MM = 400.0
 BELOW_TABLETOP_M2 = 0.03
+# A curved tabletop's mattress is a trough: its top rises towards the long edges, and the patient's back lies lower
+# than the support seen beside it (a 30 mm rise, flat support assumed: chest ISO height +5.4 mm at the median,
+# docs/planning.md "A curved tabletop"). Across the middle CURVE_HALF_WIDTH_MM each side, the support's height is
+# a parabola, z_T = z0 + k x_T^2, through each 20 mm strip's commonest height within CURVE_SEARCH_MM of the
+# support; a rise at CURVE_HALF_WIDTH_MM under CURVE_MIN_RISE_MM (or a fall: a mattress's rounded edges) is a flat
+# support: the depth's smooth error bends a flat mattress too (rises up to 16 mm, 11 of 200 held-out scenes over
+# 6 mm). CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre line to 160 mm out.
+CURVE_HALF_WIDTH_MM = 240.0
+CURVE_SEARCH_MM = 45.0
+CURVE_MIN_RISE_MM = 20.0
+CURVE_MIN_STRIPS = 12
 
 
 class SegmentationError(Exception):
@@ -105,7 +116,9 @@ class Segmentation:
 
     points_s: (N, 3) float32, mm, frame S, the patient's measured surface.
     pixels: (N, 2) int, (row, col) of each point in the depth image.
-    support_z_s: height of the support surface (mattress top) in S, mm.
+    support_z_s: height of the support surface (mattress top) in S under the patient's middle, mm; on a curved
+    mattress its height across the table is ``support_z_at`` (support_curvature k, 1/mm: it rises by k x^2 from
+    its centre line; 0 flat; support_x_s the x of the patient's middle, where support_z_s was taken).
     heightmap: (Hm, Wm) float32, mm above the support, 10 mm cells, NaN = empty;
     heightmap_origin_t: (x_T, y_T) of cell [0, 0]'s centre.
     on_table_s: (M, 3) float32, mm, frame S: everything at body height over the
@@ -133,6 +146,67 @@ class Segmentation:
     hidden_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
     support_tilt_deg: tuple[float | None, float | None] = (None, None)
     off_image_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
+    support_curvature: float = 0.0
+    support_x_s: float = 0.0
+
+    def support_z_at(self, x_s: np.ndarray) -> np.ndarray:
+        """The support's z_S (mm) at x_S (mm; any shape): support_z_s on a flat support."""
+        return self.support_z_s + self.support_curvature * (np.square(x_s) - self.support_x_s ** 2)
+
+
+def support_curve_t(points_t: np.ndarray, support_z_t: float) -> tuple[float, float]:
+    """(z0, k): the support's height across the table, z_T = z0 + k x_T^2 (mm; 1/mm), or (support_z_t, 0.0) where
+    it is flat or cannot be told (module constants CURVE_*).
+
+    points_t: (N, 3) mm, frame T, what the camera sees over the tabletop's footprint; support_z_t: the support's
+    commonest height (``support_height_t``). Each 20 mm strip across gives the height of its lowest surface (the
+    support carries everything on it; under the patient it is still seen past the head and the feet): the
+    median of its points within 5 mm of the commonest 5 mm band within 30 mm above its lowest well-filled band.
+    The strips that agree with one parabola (where the body or a blanket hides the support, a strip's lowest
+    surface is theirs, above it) are the support's, and OpenCV's Huber line fit of their heights over x_T^2 gives
+    z0 and k.
+    """
+    import cv2
+
+    h = CURVE_HALF_WIDTH_MM
+    q = points_t[(np.abs(points_t[:, 0]) < h) & (np.abs(points_t[:, 2] - support_z_t) < CURVE_SEARCH_MM)]
+    x_edges = np.arange(-h, h + 1.0, 20.0)
+    z_edges = np.arange(support_z_t - CURVE_SEARCH_MM, support_z_t + CURVE_SEARCH_MM + 1.0, 5.0)
+    strip = np.digitize(q[:, 0], x_edges) - 1
+    strips = []
+    for i in range(len(x_edges) - 1):
+        z = q[strip == i, 2]
+        if len(z) < 50:
+            continue
+        hist, _ = np.histogram(z, bins=z_edges)
+        low = int(np.flatnonzero(hist >= max(5.0, 0.05 * len(z)))[0])
+        mid = z_edges[low + int(np.argmax(hist[low:low + 6]))] + 2.5
+        strips.append((0.5 * (x_edges[i] + x_edges[i + 1]), float(np.median(z[np.abs(z - mid) < 5.0]))))
+    xz = np.array(strips, dtype=np.float64).reshape(-1, 2)
+    if len(xz) < CURVE_MIN_STRIPS:
+        return support_z_t, 0.0
+    # x^2 / h keeps both axes in mm, so a line fit's perpendicular distance is nearly the vertical one.
+    u, z = xz[:, 0] ** 2 / h, xz[:, 1]
+    # As for the slope (support_tilt): the line through two strips that most others agree with (within 8 mm),
+    # less those it floats more than 8 mm above (the support carries what is seen), picks the support's strips.
+    i, j = np.triu_indices(len(u), 1)
+    keep = np.abs(u[j] - u[i]) > 20.0
+    i, j = i[keep], j[keep]
+    if len(i) == 0:
+        return support_z_t, 0.0
+    rise = ((z[j] - z[i]) / (u[j] - u[i]))[:, None]
+    off = z[None] - z[i][:, None] - rise * (u[None] - u[i][:, None])  # (pairs, strips), mm
+    best = int(np.argmax((np.abs(off) < 8.0).sum(1) - (off < -8.0).sum(1)))
+    on = np.abs(off[best]) < 8.0
+    ax = np.abs(xz[on, 0])
+    if on.sum() < CURVE_MIN_STRIPS or ax.min() > 80.0 or ax.max() < 160.0:
+        return support_z_t, 0.0
+    vu, vz, u0, zu = cv2.fitLine(np.stack([u[on], z[on]], 1).astype(np.float32), cv2.DIST_HUBER, 0, 0.01,
+                                 0.01).ravel()
+    slope = float(vz / vu)
+    if slope * h < CURVE_MIN_RISE_MM:
+        return support_z_t, 0.0
+    return float(zu - slope * u0), slope / h
 
 
 def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None, float | None]:
@@ -328,7 +402,7 @@ def shifted_height_map(seg: Segmentation, table_longitudinal_mm: float,
     apart give two looks at the same surface (the keypoint network's two views, positioning/keypoints.py).
     """
     pts = seg.points_s.astype(np.float64)
-    x_t, y_t, above = pts[:, 0], pts[:, 1] - table_longitudinal_mm, pts[:, 2] - seg.support_z_s  # T ∥ S
+    x_t, y_t, above = pts[:, 0], pts[:, 1] - table_longitudinal_mm, pts[:, 2] - seg.support_z_at(pts[:, 0])  # T ∥ S
     x0, y0 = seg.heightmap_origin_t[0] - shift_mm, seg.heightmap_origin_t[1] - shift_mm
     ny, nx = seg.heightmap.shape[0] + 1, seg.heightmap.shape[1] + 1
     # Cell centres at x0 + j * CELL: cell j spans [x0 + (j - 1/2) CELL, x0 + (j + 1/2) CELL).
@@ -376,11 +450,13 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
                                     f"lies {SUPPORT_USUAL_MM[0]:+.0f} to {SUPPORT_USUAL_MM[1]:+.0f} mm: check the table "
                                     f"height reading and the camera's calibration"})
     below_tabletop(foot_t, support)
-    above = pts_t[:, 2] - support
+    z0, curvature = support_curve_t(foot_t, support)
+    surface = support if curvature == 0.0 else z0 + curvature * np.square(pts_t[:, 0])
+    above = pts_t[:, 2] - surface
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)
 
     # Top-down height map over the support's length (not the floor seen past its ends).
-    on_support = in_foot & (np.abs(pts_t[:, 2] - support) < ON_SUPPORT_MM)
+    on_support = in_foot & (np.abs(above) < ON_SUPPORT_MM)
     ys = pts_t[on_support | cand, 1]
     y_lo, y_hi = float(np.percentile(ys, 0.1)) - 100.0, float(np.percentile(ys, 99.9)) + 100.0
     cand &= (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
@@ -449,13 +525,17 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     alone = np.zeros(len(pts_s), bool)
     alone[near] = outliers(pts_s[near], speck[near] & at_body_height[near])
     on_table = pts_s[at_body_height & ~alone]
+    # Under the patient's middle: where its back lies on a curved mattress.
+    x_mid = float(np.median(pts_t[body_pts, 0])) if curvature else 0.0
+    under = support if curvature == 0.0 else z0 + curvature * x_mid ** 2
     hidden = hidden_ends(on_table, sc.camera_to_scanner[:3, 3],
-                         float(support - sc.table_height_mm) + MIN_CLEARANCE_MM)
+                         float(under - sc.table_height_mm) + MIN_CLEARANCE_MM)
     # The patient's points on the image's outermost rows and columns: the body runs off the image there.
     h, w = depth.shape
     r, c = rows[body_pts], cols[body_pts]
     off_image = (r <= 1) | (r >= h - 2) | (c <= 1) | (c >= w - 2)
     return Segmentation(pts_s[body_pts].astype(np.float32), np.stack([rows[body_pts], cols[body_pts]], 1),
-                        float(support - sc.table_height_mm), hm_out,
+                        float(under - sc.table_height_mm), hm_out,
                         (-FOOTPRINT_HALF_WIDTH_MM + CELL_MM / 2, y_lo + CELL_MM / 2), float(body_area), objects,
-                        warnings, on_table, hidden, tilt, pts_s[body_pts][off_image].astype(np.float32))
+                        warnings, on_table, hidden, tilt, pts_s[body_pts][off_image].astype(np.float32),
+                        float(curvature), x_mid)

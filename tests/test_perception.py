@@ -15,7 +15,8 @@ from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.frames import scanner_to_table
 from positioning.perceive import WARM_ITERATIONS, keypoints_as_joints, perceive
 from positioning.segment import (SegmentationError, TableMismatch, TableNotLevel, below_tabletop, level_warnings,
-                                 outliers, segment_patient, support_height_t, support_tilt, veil_pixels)
+                                 outliers, segment_patient, support_curve_t, support_height_t, support_tilt,
+                                 veil_pixels)
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
 from sim.scene import load_config, sample_scene, with_table_at
@@ -172,6 +173,33 @@ def test_a_line_floating_over_the_mattress_is_not_the_support():
     pts = np.stack([x, y, z + rng.normal(0, 1.0, len(z))], 1)[blanket | mattress]
     along, _ = support_tilt(pts, 50.0)
     assert abs(along) < 0.5
+
+
+@pytest.mark.parametrize("rise", [0.0, 12.0, 30.0, 50.0])
+def test_a_curved_supports_height_across_is_measured_around_a_patient(rise):
+    """A curved tabletop's mattress rises by ``rise`` at 240 mm out; under the patient's block it is seen only past
+    its ends. Curves from 20 mm are measured (z0, k); less is the depth's smooth error as often as a curve: flat."""
+    pts = _table_points(0.0, 0.0)
+    pts[:, 2] += rise * (pts[:, 0] / 240.0) ** 2
+    z0, k = support_curve_t(pts, support_height_t(pts[:, 2])[0])
+    if rise < 20.0:
+        assert k == 0.0
+    else:
+        assert abs(z0 - 50.0) < 1.5 and abs(k * 240.0 ** 2 - rise) < 0.1 * rise, (z0, k * 240.0 ** 2)
+
+
+def test_a_curved_mattress_is_the_support_under_the_patients_middle(body_model):
+    """The simulator's curved mattress (30 mm): the support under the patient is where its back lies, not the
+    commonest height beside it (16 mm higher in this scene); the same scene on a flat mattress is flat."""
+    cfg = {**load_config(None), "patient_position": "HFS", "pose": "arms_up", "blanket": False}
+    p = sample_scene(4, cfg, body_model.data.train["betas"])
+    flat = segment_patient(simulate(p, body_model)[0])
+    curved = segment_patient(simulate(dataclasses.replace(p, mattress_curve_mm=30.0), body_model)[0])
+    centre = p.mattress_mm - p.table_height_mm
+    assert flat.support_curvature == 0.0 and abs(flat.support_z_s - centre) < 3.0
+    under = centre + 30.0 * (curved.support_x_s / 240.0) ** 2
+    assert abs(curved.support_curvature * 240.0 ** 2 - 30.0) < 6.0 and abs(curved.support_z_s - under) < 4.0
+    assert curved.support_z_s < centre + 30.0 * (200.0 / 240.0) ** 2 - 10.0  # not the mattress seen beside the body
 
 
 def test_a_support_hidden_almost_everywhere_has_no_slope():
