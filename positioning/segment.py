@@ -79,13 +79,14 @@ BELOW_TABLETOP_M2 = 0.03
 # A curved tabletop's mattress is a trough: its top rises towards the long edges, and the patient's back lies lower
 # than the support seen beside it (a 30 mm rise, flat support assumed: chest ISO height +5.4 mm at the median,
 # docs/planning.md "A curved tabletop"). Across the middle CURVE_HALF_WIDTH_MM each side, the support's height is
-# a parabola, z_T = z0 + k x_T^2, through each 20 mm strip's commonest height within CURVE_SEARCH_MM of the
-# support; a rise at CURVE_HALF_WIDTH_MM under CURVE_MIN_RISE_MM (or a fall: a mattress's rounded edges) is a flat
-# support: the depth's smooth error bends a flat mattress too (rises up to 16 mm, 11 of 200 held-out scenes over
-# 6 mm). CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre line to 160 mm out.
+# a parabola, z_T = z0 + k x_T^2, through each 20 mm strip's median support height (``support_curve_t``). A curve
+# is taken only when it rises CURVE_MIN_RISE_MM at CURVE_HALF_WIDTH_MM and CURVE_MIN_T standard errors: a depth
+# camera's smooth error bends a flat mattress too (rises of 6-16 mm in 11 of 200 held-out scenes and, with twice
+# the noise, 20-41 mm in 5 of 100, by the strips' lowest surfaces; none by these rules). A fall (a mattress's
+# rounded edges) is flat. CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre to 160 mm.
 CURVE_HALF_WIDTH_MM = 240.0
-CURVE_SEARCH_MM = 45.0
 CURVE_MIN_RISE_MM = 20.0
+CURVE_MIN_T = 8.0
 CURVE_MIN_STRIPS = 12
 
 
@@ -158,37 +159,26 @@ def support_curve_t(points_t: np.ndarray, support_z_t: float) -> tuple[float, fl
     """(z0, k): the support's height across the table, z_T = z0 + k x_T^2 (mm; 1/mm), or (support_z_t, 0.0) where
     it is flat or cannot be told (module constants CURVE_*).
 
-    points_t: (N, 3) mm, frame T, what the camera sees over the tabletop's footprint; support_z_t: the support's
-    commonest height (``support_height_t``). Each 20 mm strip across gives the height of its lowest surface (the
-    support carries everything on it; under the patient it is still seen past the head and the feet): the
-    median of its points within 5 mm of the commonest 5 mm band within 30 mm above its lowest well-filled band.
-    The strips that agree with one parabola (where the body or a blanket hides the support, a strip's lowest
-    surface is theirs, above it) are the support's, and OpenCV's Huber line fit of their heights over x_T^2 gives
-    z0 and k.
+    points_t: (N, 3) mm, frame T, the support's points (within ON_SUPPORT_MM of support_z_t, between its ends:
+    under the patient it is still seen past the head and the feet); support_z_t: the support's commonest height
+    (``support_height_t``). Each 20 mm strip across gives the median height of its points. The strips that agree
+    with one parabola (the line through two of them in x_T^2 that most others lie within 6 mm of) are the
+    support's, and OpenCV's Huber line fit of their heights over x_T^2 gives z0 and k. A curve must rise
+    CURVE_MIN_RISE_MM and CURVE_MIN_T standard errors of its fit: a noisy camera's smooth error is no curve.
     """
     import cv2
 
     h = CURVE_HALF_WIDTH_MM
-    q = points_t[(np.abs(points_t[:, 0]) < h) & (np.abs(points_t[:, 2] - support_z_t) < CURVE_SEARCH_MM)]
+    q = points_t[np.abs(points_t[:, 0]) < h]
     x_edges = np.arange(-h, h + 1.0, 20.0)
-    z_edges = np.arange(support_z_t - CURVE_SEARCH_MM, support_z_t + CURVE_SEARCH_MM + 1.0, 5.0)
     strip = np.digitize(q[:, 0], x_edges) - 1
-    strips = []
-    for i in range(len(x_edges) - 1):
-        z = q[strip == i, 2]
-        if len(z) < 50:
-            continue
-        hist, _ = np.histogram(z, bins=z_edges)
-        low = int(np.flatnonzero(hist >= max(5.0, 0.05 * len(z)))[0])
-        mid = z_edges[low + int(np.argmax(hist[low:low + 6]))] + 2.5
-        strips.append((0.5 * (x_edges[i] + x_edges[i + 1]), float(np.median(z[np.abs(z - mid) < 5.0]))))
-    xz = np.array(strips, dtype=np.float64).reshape(-1, 2)
+    n = np.bincount(strip, minlength=len(x_edges))[:len(x_edges) - 1]
+    xz = np.array([(0.5 * (x_edges[i] + x_edges[i + 1]), float(np.median(q[strip == i, 2])))
+                   for i in np.flatnonzero(n >= 50)], dtype=np.float64).reshape(-1, 2)
     if len(xz) < CURVE_MIN_STRIPS:
         return support_z_t, 0.0
     # x^2 / h keeps both axes in mm, so a line fit's perpendicular distance is nearly the vertical one.
     u, z = xz[:, 0] ** 2 / h, xz[:, 1]
-    # As for the slope (support_tilt): the line through two strips that most others agree with (within 8 mm),
-    # less those it floats more than 8 mm above (the support carries what is seen), picks the support's strips.
     i, j = np.triu_indices(len(u), 1)
     keep = np.abs(u[j] - u[i]) > 20.0
     i, j = i[keep], j[keep]
@@ -196,17 +186,19 @@ def support_curve_t(points_t: np.ndarray, support_z_t: float) -> tuple[float, fl
         return support_z_t, 0.0
     rise = ((z[j] - z[i]) / (u[j] - u[i]))[:, None]
     off = z[None] - z[i][:, None] - rise * (u[None] - u[i][:, None])  # (pairs, strips), mm
-    best = int(np.argmax((np.abs(off) < 8.0).sum(1) - (off < -8.0).sum(1)))
-    on = np.abs(off[best]) < 8.0
+    on = np.abs(off[int(np.argmax((np.abs(off) < 6.0).sum(1)))]) < 6.0
     ax = np.abs(xz[on, 0])
     if on.sum() < CURVE_MIN_STRIPS or ax.min() > 80.0 or ax.max() < 160.0:
         return support_z_t, 0.0
     vu, vz, u0, zu = cv2.fitLine(np.stack([u[on], z[on]], 1).astype(np.float32), cv2.DIST_HUBER, 0, 0.01,
                                  0.01).ravel()
     slope = float(vz / vu)
-    if slope * h < CURVE_MIN_RISE_MM:
+    z0 = float(zu - slope * u0)
+    resid = z[on] - z0 - slope * u[on]
+    se = float(np.sqrt((resid ** 2).sum() / max(on.sum() - 2, 1) / ((u[on] - u[on].mean()) ** 2).sum()))
+    if slope * h < CURVE_MIN_RISE_MM or slope < CURVE_MIN_T * se:
         return support_z_t, 0.0
-    return float(zu - slope * u0), slope / h
+    return z0, slope / h
 
 
 def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None, float | None]:
@@ -450,7 +442,9 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
                                     f"lies {SUPPORT_USUAL_MM[0]:+.0f} to {SUPPORT_USUAL_MM[1]:+.0f} mm: check the table "
                                     f"height reading and the camera's calibration"})
     below_tabletop(foot_t, support)
-    z0, curvature = support_curve_t(foot_t, support)
+    on_flat = np.abs(foot_t[:, 2] - support) < ON_SUPPORT_MM
+    y_ends = np.percentile(foot_t[on_flat, 1], [1, 99]) + np.array([50.0, -50.0])  # not the tabletop past its ends
+    z0, curvature = support_curve_t(foot_t[on_flat & (foot_t[:, 1] > y_ends[0]) & (foot_t[:, 1] < y_ends[1])], support)
     surface = support if curvature == 0.0 else z0 + curvature * np.square(pts_t[:, 0])
     above = pts_t[:, 2] - surface
     cand = in_foot & (above > MIN_CLEARANCE_MM) & (above < MAX_BODY_HEIGHT_MM)

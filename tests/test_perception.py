@@ -14,9 +14,9 @@ from positioning.capture import read_capture, read_truth
 from positioning.fit import Adam, fit_body, one_torch_thread
 from positioning.frames import scanner_to_table
 from positioning.perceive import WARM_ITERATIONS, keypoints_as_joints, perceive
-from positioning.segment import (SegmentationError, TableMismatch, TableNotLevel, below_tabletop, level_warnings,
-                                 outliers, segment_patient, support_curve_t, support_height_t, support_tilt,
-                                 veil_pixels)
+from positioning.segment import (ON_SUPPORT_MM, SegmentationError, TableMismatch, TableNotLevel, below_tabletop,
+                                 level_warnings, outliers, segment_patient, support_curve_t, support_height_t,
+                                 support_tilt, veil_pixels)
 from positioning.skeleton import JOINT_NAMES
 from sim.room import Mesh, box
 from sim.scene import load_config, sample_scene, with_table_at
@@ -181,11 +181,12 @@ def test_a_curved_supports_height_across_is_measured_around_a_patient(rise):
     its ends. Curves from 20 mm are measured (z0, k); less is the depth's smooth error as often as a curve: flat."""
     pts = _table_points(0.0, 0.0)
     pts[:, 2] += rise * (pts[:, 0] / 240.0) ** 2
-    z0, k = support_curve_t(pts, support_height_t(pts[:, 2])[0])
+    support = support_height_t(pts[:, 2])[0]
+    z0, k = support_curve_t(pts[np.abs(pts[:, 2] - support) < ON_SUPPORT_MM], support)
     if rise < 20.0:
         assert k == 0.0
     else:
-        assert abs(z0 - 50.0) < 1.5 and abs(k * 240.0 ** 2 - rise) < 0.1 * rise, (z0, k * 240.0 ** 2)
+        assert abs(z0 - 50.0) < 3.0 and abs(k * 240.0 ** 2 - rise) < 0.15 * rise, (z0, k * 240.0 ** 2)
 
 
 def test_a_curved_mattress_is_the_support_under_the_patients_middle(body_model):
