@@ -81,9 +81,9 @@ BELOW_TABLETOP_M2 = 0.03
 # docs/planning.md "A curved tabletop"). Across the middle CURVE_HALF_WIDTH_MM each side, the support's height is
 # a parabola, z_T = z0 + k x_T^2, through each 20 mm strip's median support height (``support_curve_t``). A curve
 # is taken only when it rises CURVE_MIN_RISE_MM at CURVE_HALF_WIDTH_MM and CURVE_MIN_T standard errors: a depth
-# camera's smooth error bends a flat mattress too (rises of 6-16 mm in 11 of 200 held-out scenes and, with twice
-# the noise, 20-41 mm in 5 of 100, by the strips' lowest surfaces; none by these rules). A fall (a mattress's
-# rounded edges) is flat. CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre to 160 mm.
+# camera's smooth error bends a flat mattress too (earlier rules found rises of 6-16 mm in 11 of 200 held-out flat
+# scenes, 20-46 mm in 5 of 100 with twice the noise and in 1 of 30 at 1280x720; these find none). A fall (a
+# mattress's rounded edges) is flat. CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre to 160 mm.
 CURVE_HALF_WIDTH_MM = 240.0
 CURVE_MIN_RISE_MM = 20.0
 CURVE_MIN_T = 8.0
