@@ -46,6 +46,8 @@ EXTRA = [
 ] + [scene_plan(f"{m}-mattress", 100, region) for m in ("thin", "thick") for region in ("chest", "abdomen")] + [
     scene_plan("table-in-gantry", 12), scene_plan("camera-too-close", 16), scene_plan("narrow-camera", 24),
     scene_plan("patient-askew", 24),
+] + [scene_plan(s, 100, region) for s in ("one-arm-up", "curved-mattress") for region in ("chest", "abdomen")] + [
+    scene_plan("head-pillow", 100), scene_plan("head-pillow", 100, "head"),
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),

@@ -83,7 +83,8 @@ BELOW_TABLETOP_M2 = 0.03
 # is taken only when it rises CURVE_MIN_RISE_MM at CURVE_HALF_WIDTH_MM and CURVE_MIN_T standard errors: a depth
 # camera's smooth error bends a flat mattress too (earlier rules found rises of 6-16 mm in 11 of 200 held-out flat
 # scenes, 20-46 mm in 5 of 100 with twice the noise and in 1 of 30 at 1280x720; these find none). A fall (a
-# mattress's rounded edges) is flat. CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre to 160 mm.
+# mattress's rounded edges) is flat. CURVE_MIN_STRIPS strips must show the support, from within 80 mm of the centre
+# line to 160 mm out.
 CURVE_HALF_WIDTH_MM = 240.0
 CURVE_MIN_RISE_MM = 20.0
 CURVE_MIN_T = 8.0
