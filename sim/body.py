@@ -228,7 +228,7 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
                table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0,
                limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]] = (),
-               mattress_curve_mm: float = 0.0) -> tuple[np.ndarray, ...]:
+               mattress_curve_mm: float = 0.0, roll_deg: float = 0.0) -> tuple[np.ndarray, ...]:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
 
     The body settles on its trunk (``resting_tilt``; balance: (V,) bool, the trunk's
@@ -237,7 +237,8 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     skinning weight, its chain of joint indices from the root, the two joints whose
     line is the swing axis, None or the (V,) weight of its far part, which drops onto
     the mattress when in the air)). On a curved mattress (mattress_curve_mm, ``sim.room.mattress_top_t``) the trunk
-    rests on the top's height under its pelvis.
+    rests on the top's height under its pelvis. roll_deg rolls the body about its long axis first (90: onto its left
+    side, a decubitus position CONVENTIONS.md's four codes do not name).
     It then sinks sink_mm into mattress and soft tissue: what would pass
     below the mattress top is flattened onto it (the back under a lying patient is
     flat). Its pelvis lies lateral_mm off the table centre line, its gantry-side end
@@ -246,7 +247,8 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     """
     c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
     yaw = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-    r = yaw @ POSITION_ROTATIONS[position]
+    cr, sr = np.cos(np.radians(roll_deg)), np.sin(np.radians(roll_deg))
+    r = yaw @ POSITION_ROTATIONS[position] @ np.array([[cr, 0, sr], [0, 1, 0], [-sr, 0, cr]])
     r = resting_tilt(verts[balance] @ r.T, MAX_TILT_DEG) @ r
 
     def tf(p):

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "outlier_fraction": 0.0,  # of all pixels, those given a random depth over the sensor's range (sim/render.py)
     "head_pillow_mm": 0.0,  # a pillow under a supine patient's head, the neck bent to lie on it; 0: none
     "mattress_curve_mm": 0.0,  # the mattress top's rise at its long edges over its centre line (a curved tabletop)
+    "roll_deg": 0.0,  # the patient rolled about its long axis towards its left side (90: lying on it, decubitus)
 }
 WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
 
@@ -93,6 +94,7 @@ class SceneParams:
     outlier_fraction: float = 0.0
     head_pillow_mm: float = 0.0
     mattress_curve_mm: float = 0.0
+    roll_deg: float = 0.0
     pose_seed: int = 0
     source_body: int = -1  # index of the model's training body the shape was drawn around
     anny_phenotype: dict[str, float] = field(default_factory=dict)
@@ -136,10 +138,11 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
                 for x in (v if isinstance(v, list) else [v])):
             raise SceneConfigError(f"{p}: {k} must be a number from 0 to 1")
-        for name, top in (("head_pillow_mm", 150), ("mattress_curve_mm", 100)):
-            if k == name and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= top
+        for name, lo, hi, unit in (("head_pillow_mm", 0, 150, "mm"), ("mattress_curve_mm", 0, 100, "mm"),
+                                   ("roll_deg", -90, 90, "degrees")):
+            if k == name and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi
                                      for x in (v if isinstance(v, list) else [v])):
-                raise SceneConfigError(f"{p}: {name} must be a number from 0 to {top} (mm)")
+                raise SceneConfigError(f"{p}: {name} must be a number from {lo} to {hi} ({unit})")
         cfg[k] = v
     return cfg
 

@@ -177,7 +177,7 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
                                             p.lateral_offset_mm, p.head_gap_mm, p.mattress_mm, p.table_height_mm,
                                             p.table_longitudinal_mm, _trunk(model), p.sink_mm, _limbs(model),
-                                            p.mattress_curve_mm)
+                                            p.mattress_curve_mm, p.roll_deg)
     return template, verts, joints, face, levels
 
 

@@ -203,6 +203,16 @@ def test_a_curved_mattress_is_the_support_under_the_patients_middle(body_model):
     assert curved.support_z_s < centre + 30.0 * (200.0 / 240.0) ** 2 - 10.0  # not the mattress seen beside the body
 
 
+def test_a_patient_lying_on_the_side_is_refused(body_model):
+    """Decubitus, which the four position codes do not name: before, planned as supine or prone with the lungs'
+    range up to 0.8 m off and no warning. The same scene lying on the back is segmented as before."""
+    cfg = {**load_config(None), "patient_position": "HFS", "pose": "arms_up", "roll_deg": 90.0}
+    p = sample_scene(1, cfg, body_model.data.train["betas"])
+    with pytest.raises(SegmentationError, match="seems to lie on the side"):
+        segment_patient(simulate(p, body_model)[0])
+    assert segment_patient(simulate(dataclasses.replace(p, roll_deg=0.0), body_model)[0]).area_m2 > 0.3
+
+
 def test_a_support_hidden_almost_everywhere_has_no_slope():
     pts = _table_points(2.0, 0.0, covered=(-2150.0, -50.0), half_width=310.0)  # from edge to edge
     assert support_tilt(pts, 50.0) == (None, None)

@@ -163,6 +163,7 @@ def test_outliers_are_random_depths_at_their_share_of_the_pixels():
     ("outlier_fraction = -0.1", "outlier_fraction must be a number from 0 to 1"),
     ("head_pillow_mm = 400", "head_pillow_mm must be a number from 0 to 150"),
     ("mattress_curve_mm = -5", "mattress_curve_mm must be a number from 0 to 100"),
+    ("roll_deg = 200", "roll_deg must be a number from -90 to 90"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
