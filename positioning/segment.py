@@ -88,8 +88,8 @@ BELOW_TABLETOP_M2 = 0.03
 # Supine or prone, a trunk is wider than it stands tall; lying on the side (a decubitus position, which
 # CONVENTIONS.md's four codes do not name and the fit cannot describe) it stands taller than it is wide. The
 # median height / width over the body's fullest rows (``trunk_aspect``): 0.41-0.94 over 200 held-out scenes,
-# 0.38-1.03 over 80 bodies straight from anny (BMI up to 70); on the side 1.20-2.43 (20 scenes; 45 degrees over,
-# 0.73-1.14). Before, such patients were planned as supine or prone, a lung range up to 0.8 m off, unwarned.
+# 0.38-1.03 over 80 bodies straight from anny (BMI up to 70); on the side 1.01-2.02 (24 scenes, 22 above this).
+# Before, 8 of those 24 were planned, 7 as the wrong position with the lungs' range up to 1.16 m off, 3 unwarned.
 SIDE_LYING_ASPECT = 1.12
 CURVE_HALF_WIDTH_MM = 240.0
 CURVE_MIN_RISE_MM = 20.0
