@@ -162,15 +162,32 @@ class Segmentation:
         return self.support_z_s + self.support_curvature * (np.square(x_s) - self.support_x_s ** 2)
 
 
+def consensus_line(u: np.ndarray, z: np.ndarray, tol_mm: float, floats_count: bool = False,
+                   min_gap: float = 0.0) -> np.ndarray | None:
+    """(K,) bool: which points (u, z) (K,) each, mm, lie within tol_mm of the line through the pair of them that
+    most others agree with. floats_count: points more than tol_mm below a line count against it (a support
+    carries what is seen, so a line floating over points is not the support). Pairs closer than min_gap in u
+    are not tried; None when none is left."""
+    i, j = np.triu_indices(len(u), 1)
+    keep = np.abs(u[j] - u[i]) > min_gap
+    i, j = i[keep], j[keep]
+    if len(i) == 0:
+        return None
+    rise = ((z[j] - z[i]) / (u[j] - u[i]))[:, None]
+    off = z[None] - z[i][:, None] - rise * (u[None] - u[i][:, None])  # (pairs, points), mm
+    agree = np.abs(off) < tol_mm
+    score = agree.sum(1) - ((off < -tol_mm).sum(1) if floats_count else 0)
+    return agree[int(np.argmax(score))]
+
+
 def trunk_aspect(heightmap: np.ndarray) -> tuple[float, float, float]:
     """(height / width, height mm, width mm): the median over the height map's rows whose cross-section (the sum of
     their heights) is in the top 30 %, of each row's greatest height and its occupied width.
 
     heightmap: (Hm, Wm) mm above the support, 10 mm cells (``Segmentation.heightmap``), NaN = empty."""
     seen = ~np.isnan(heightmap)
-    width = seen.sum(1) * CELL_MM
-    height = np.where(seen, heightmap, 0.0).max(1)
-    area = np.where(seen, heightmap, 0.0).sum(1)
+    filled = np.where(seen, heightmap, 0.0)
+    width, height, area = seen.sum(1) * CELL_MM, filled.max(1), filled.sum(1)
     rows = width >= 5 * CELL_MM
     if not rows.any():
         return 0.0, 0.0, 0.0
@@ -203,14 +220,9 @@ def support_curve_t(points_t: np.ndarray, support_z_t: float) -> tuple[float, fl
         return support_z_t, 0.0
     # x^2 / h keeps both axes in mm, so a line fit's perpendicular distance is nearly the vertical one.
     u, z = xz[:, 0] ** 2 / h, xz[:, 1]
-    i, j = np.triu_indices(len(u), 1)
-    keep = np.abs(u[j] - u[i]) > 20.0
-    i, j = i[keep], j[keep]
-    if len(i) == 0:
+    on = consensus_line(u, z, 6.0, min_gap=20.0)
+    if on is None:
         return support_z_t, 0.0
-    rise = ((z[j] - z[i]) / (u[j] - u[i]))[:, None]
-    off = z[None] - z[i][:, None] - rise * (u[None] - u[i][:, None])  # (pairs, strips), mm
-    on = np.abs(off[int(np.argmax((np.abs(off) < 6.0).sum(1)))]) < 6.0
     ax = np.abs(xz[on, 0])
     if on.sum() < CURVE_MIN_STRIPS or ax.min() > 80.0 or ax.max() < 160.0:
         return support_z_t, 0.0
@@ -268,12 +280,7 @@ def support_tilt(points_t: np.ndarray, support_z_t: float) -> tuple[float | None
     # The support carries everything on it: a line with a slice's lowest surface more than 10 mm below it floats
     # over something seen, so such slices count against it (a line along a blanket's slope would otherwise tie
     # with the mattress's).
-    i, j = np.triu_indices(len(profile), 1)
-    a, b = profile[i], profile[j]  # (pairs, 2) each: (y, z) of the two slices a line runs through
-    rise = ((b[:, 1] - a[:, 1]) / (b[:, 0] - a[:, 0]))[:, None]
-    above = profile[None, :, 1] - a[:, 1:] - rise * (profile[None, :, 0] - a[:, :1])  # (pairs, slices), mm
-    agree = np.abs(above) < 10.0
-    support_slices = profile[agree[int(np.argmax(agree.sum(1) - (above < -10.0).sum(1)))]]
+    support_slices = profile[consensus_line(profile[:, 0], profile[:, 1], 10.0, floats_count=True)]
     if np.ptp(support_slices[:, 0]) < LEVEL_SPAN_MM[0]:
         return None, None
     (along, height), across = line(support_slices[:, 0], support_slices[:, 1]), 0.0
@@ -547,9 +554,9 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     alone = np.zeros(len(pts_s), bool)
     alone[near] = outliers(pts_s[near], speck[near] & at_body_height[near])
     on_table = pts_s[at_body_height & ~alone]
-    # Under the patient's middle: where its back lies on a curved mattress.
-    x_mid = float(np.median(pts_t[body_pts, 0])) if curvature else 0.0
-    under = support if curvature == 0.0 else z0 + curvature * x_mid ** 2
+    # Under the patient's middle: where its back lies on a curved mattress (on a flat one z0 is the support).
+    x_mid = float(np.median(pts_t[body_pts, 0]))
+    under = z0 + curvature * x_mid ** 2
     hidden = hidden_ends(on_table, sc.camera_to_scanner[:3, 3],
                          float(under - sc.table_height_mm) + MIN_CLEARANCE_MM)
     # The patient's points on the image's outermost rows and columns: the body runs off the image there.

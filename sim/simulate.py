@@ -196,6 +196,7 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     room = room_meshes(p.table_height_mm, p.table_longitudinal_mm, p.mattress_mm, p.bore_diameter_mm,
                        p.mattress_curve_mm)
     meshes = room + ([body] if with_patient else []) + list(extra_meshes or [])
+    dominant = model.data.weights.argmax(1)
     if p.pose == "knees_bent" and with_patient:
         # Supine, the cushion is under the knees; prone, under the raised shins.
         ids = ["left_knee", "right_knee"] + (["left_ankle", "right_ankle"] if p.patient_position[2] == "P" else [])
@@ -206,7 +207,7 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     if p.head_pillow_mm > 0 and p.patient_position.endswith("S") and with_patient:
         # Under the raised head, from the mattress to the head's underside: as wide as a pillow, as long as
         # the head, so the raised arms beside it may rest on its edge.
-        head = verts[model.data.weights.argmax(1) == JOINT_INDEX["head"]]
+        head = verts[dominant == JOINT_INDEX["head"]]
         y0, y1 = head[:, 1].min() + 20, head[:, 1].max() - 20
         top = head[:, 2].min()
         if top > mattress_top + 5:
@@ -225,7 +226,6 @@ def simulate(p: SceneParams, model: BodyModel, extra_meshes: list[Mesh] | None =
     depth = render.add_depth_noise(ideal.depth, cam.intrinsics.fx, p.noise_subpixel, p.noise_wave_mm,
                                    p.hole_fraction, noise_rng, p.flying_fraction, p.outlier_fraction)
 
-    dominant = model.data.weights.argmax(1)
     skin = np.array([0.95, 0.80, 0.70]) * (1 - p.skin_tone) + np.array([0.36, 0.24, 0.17]) * p.skin_tone
     vcol = np.tile(skin, (len(verts), 1))
     if p.gown:
