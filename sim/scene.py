@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "head_pillow_mm": 0.0,  # a pillow under a supine patient's head, the neck bent to lie on it; 0: none
     "mattress_curve_mm": 0.0,  # the mattress top's rise at its long edges over its centre line (a curved tabletop)
     "roll_deg": 0.0,  # the patient rolled about its long axis towards its left side (90: lying on it, decubitus)
+    # Drawn only for body_source "anny", inside its phenotype (so it costs the other draws nothing):
+    "anny_years": [12.0, 90.0],  # the anny body's age, years; children under 12 lie outside the model's bodies
 }
 WIDTH, HEIGHT = 848, 480  # RealSense D455 depth stream
 
@@ -139,10 +141,12 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
                 for x in (v if isinstance(v, list) else [v])):
             raise SceneConfigError(f"{p}: {k} must be a number from 0 to 1")
         for name, lo, hi, unit in (("head_pillow_mm", 0, 150, "mm"), ("mattress_curve_mm", 0, 100, "mm"),
-                                   ("roll_deg", -90, 90, "degrees")):
+                                   ("roll_deg", -90, 90, "degrees"), ("anny_years", 1, 90, "years")):
             if k == name and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi
                                      for x in (v if isinstance(v, list) else [v])):
                 raise SceneConfigError(f"{p}: {name} must be a number from {lo} to {hi} ({unit})")
+        if k == "anny_years" and isinstance(v, list) and len(v) != 2:
+            raise SceneConfigError(f"{p}: anny_years must be one age or a range [youngest, oldest] in years")
         cfg[k] = v
     return cfg
 
@@ -158,14 +162,15 @@ def _draw(rng: np.random.Generator, spec: Any) -> Any:
 def sample_scene(seed: int, cfg: dict[str, Any], train_betas: np.ndarray) -> SceneParams:
     """Draw one scene. Bodies: a training body of the shape space, jittered (0.15 sd per beta)."""
     rng = np.random.default_rng(seed)
-    vals = {k: _draw(rng, cfg[k]) for k in DEFAULTS}
+    vals = {k: _draw(rng, cfg[k]) for k in DEFAULTS if k != "anny_years"}
     if vals["pose"] == "hands_on_belly" and vals["patient_position"].endswith("P"):
         vals["pose"] = "arms_up"  # lying prone, the hands cannot rest on the belly: prone patients raise the arms
     src = int(rng.integers(len(train_betas)))
     b = train_betas[src] + rng.normal(0, 0.15, train_betas.shape[1])
     phen = {}
     if vals["body_source"] == "anny":
-        phen = {"years": float(rng.uniform(12, 90)), "gender": float(rng.uniform(0, 1)),
+        lo, hi = cfg["anny_years"] if isinstance(cfg["anny_years"], list) else (cfg["anny_years"],) * 2
+        phen = {"years": float(rng.uniform(lo, hi)), "gender": float(rng.uniform(0, 1)),
                 "height": float(rng.uniform(0, 1)), "muscle": float(rng.uniform(0, 1)),
                 "proportions": float(rng.uniform(0, 1)),
                 "weight": float(rng.uniform(0, 1) if rng.uniform() < 0.55 else rng.uniform(1, 2.2))}
