@@ -69,6 +69,22 @@ class BodyModel:
         return self.data.landmark_vertex_ids
 
 
+def rest_stature_mm(data: BodyModelData, betas: np.ndarray) -> float:
+    """Standing height (mm) of the body with shape coefficients betas (K,): its rest mesh's extent along y.
+
+    The same measure as the model's built bodies' ``train["stature_m"]`` (rest pose, SMPL axes, metres).
+    """
+    b = np.zeros(data.shapedirs.shape[2], np.float32)
+    b[:len(betas)] = betas
+    return float(np.ptp((data.v_template + data.shapedirs @ b)[:, 1])) * 1000.0
+
+
+def built_statures_mm(data: BodyModelData) -> tuple[float, float] | None:
+    """(shortest, tallest) standing height (mm) of the bodies the model was built from; None when it does not say."""
+    st = data.train.get("stature_m")
+    return None if st is None or len(st) == 0 else (float(np.min(st)) * 1000.0, float(np.max(st)) * 1000.0)
+
+
 def _need(arrays, name: str, path: Path) -> np.ndarray:
     if name not in arrays:
         raise BodyModelError(f"{path}: not an SMPL-layout model, '{name}' is missing")

@@ -78,9 +78,9 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
 
     warm: the Perception of an earlier frame of the same patient (a running console re-planning), to start the fit from.
     """
-    from positioning.bodymodel import load_body_model
+    from positioning.bodymodel import built_statures_mm, load_body_model, rest_stature_mm
     from positioning.perceive import perceive
-    from positioning.plan import ScannerSpec, load_protocol, make_plan
+    from positioning.plan import ScannerSpec, fitted_body_warnings, load_protocol, make_plan
 
     t0 = time.perf_counter()
     proto = load_protocol(protocol)
@@ -88,7 +88,11 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     t1 = time.perf_counter()
     per = perceive(cap, model, net, warm=warm)
     t2 = time.perf_counter()
-    warnings = list(per.segmentation.warnings)
+    seg = per.segmentation
+    measured = np.concatenate([seg.points_s, seg.hidden_s])
+    warnings = list(seg.warnings) + fitted_body_warnings(
+        rest_stature_mm(model.data, per.fit.betas), built_statures_mm(model.data), per.vertices, measured,
+        seg.off_image_s)
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
                      per.segmentation.support_z_s, cap.scene.table_height_mm, cap.scene.table_longitudinal_mm,

@@ -34,6 +34,15 @@ TOP_BAND_MM, BAND_XY_MM, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 10.0, 20, 0.35
 # table, 6 of 8 chest plans cut 0-130 mm from their range missed the apex (by up to 118 mm) or turned the patient,
 # and the 6 cut 183 mm or more from it were right (docs/planning.md, "A patient running off the image").
 OFF_IMAGE_POINTS, OFF_IMAGE_NEAR_MM = 20, 200.0
+# A fitted body shorter than this (standing height, mm) is refused: the body model is built from adults and
+# teenagers, and on children under 1.1 m (anny, 3-11 years) 4 of 6 chest plans were 13-18 mm off or had the
+# patient turned (docs/planning.md, "Children"). Outside the statures the model was built from, widened by
+# STATURE_TOLERANCE_MM (the held-out captures' jittered bodies reach that far), a plan is warned.
+MIN_STATURE_MM, STATURE_TOLERANCE_MM = 1100.0, 50.0
+# The fitted body reaching this far (mm, along the table) beyond everything measured of the patient is a fit
+# gone wrong at that end: straight legs fitted to bent knees, an adult body fitted to a small child. Correct fits
+# reach at most 78 mm past it (docs/planning.md, "Children").
+BEYOND_PATIENT_MM = 150.0
 # Forearms and hands resting on the body are not its front: points within this
 # top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
 # forearm's line continued by a hand's length), are left out of the slab's front.
@@ -161,6 +170,43 @@ def level_y(name: str, landmarks: dict[str, np.ndarray], vertices: np.ndarray, h
     if name == "soles":
         return float(vertices[:, 1].min() if head_dir > 0 else vertices[:, 1].max())
     return float(landmarks[name][1])
+
+
+def fitted_body_warnings(stature_mm: float, built_statures_mm: tuple[float, float] | None, vertices: np.ndarray,
+                         measured: np.ndarray, off_image: np.ndarray | None = None) -> list[dict[str, str]]:
+    """Warnings on the fitted body as a whole; PlanRefused for a body the model cannot describe.
+
+    stature_mm: the fitted body's standing height; built_statures_mm: (shortest, tallest) of the bodies the
+    model was built from (bodymodel.built_statures_mm), None when the model does not say. vertices (V, 3):
+    the fitted body; measured (N, 3): everything measured of the patient (its points and the hidden ends of
+    camera rays through it); off_image (K, 3): its points at the image's edge: mm, frame S.
+    """
+    if stature_mm < MIN_STATURE_MM:
+        raise PlanRefused("PATIENT_TOO_SMALL", f"the patient measures about {stature_mm / 1000:.2f} m: the body model, "
+                                               f"built from people {_statures(built_statures_mm)}, does not describe "
+                                               f"a small child; position the patient by hand")
+    warnings = []
+    if built_statures_mm is not None and not (built_statures_mm[0] - STATURE_TOLERANCE_MM <= stature_mm
+                                              <= built_statures_mm[1] + STATURE_TOLERANCE_MM):
+        warnings.append({"code": "STATURE_OUTSIDE_MODEL",
+                         "message": f"the patient measures about {stature_mm / 1000:.2f} m, outside the "
+                                    f"{_statures(built_statures_mm)} of the bodies the model was built from: check "
+                                    f"the range and the table height on the lasers"})
+    lo, hi = float(measured[:, 1].min()), float(measured[:, 1].max())
+    edge_y = np.zeros(0) if off_image is None or len(off_image) < OFF_IMAGE_POINTS else off_image[:, 1]
+    for side, excess, end in (("towards the gantry", float(vertices[:, 1].max()) - hi, hi),
+                              ("away from the gantry", lo - float(vertices[:, 1].min()), lo)):
+        # Where the patient runs off the image, the body goes on past the last measured point.
+        if excess > BEYOND_PATIENT_MM and not np.any(np.abs(edge_y - end) < BEYOND_PATIENT_MM):
+            warnings.append({"code": "FIT_BEYOND_PATIENT",
+                             "message": f"the fitted body reaches {excess:.0f} mm past the patient {side}: the fit "
+                                        f"is wrong at that end (bent knees? a small child?); check the range on the "
+                                        f"image"})
+    return warnings
+
+
+def _statures(built: tuple[float, float] | None) -> str:
+    return "of adult size" if built is None else f"{built[0] / 1000:.2f}-{built[1] / 1000:.2f} m tall"
 
 
 def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, landmarks: dict[str, np.ndarray],
