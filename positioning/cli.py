@@ -89,9 +89,8 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     per = perceive(cap, model, net, warm=warm)
     t2 = time.perf_counter()
     seg = per.segmentation
-    measured = np.concatenate([seg.points_s, seg.hidden_s])
     warnings = list(seg.warnings) + fitted_body_warnings(
-        rest_stature_mm(model.data, per.fit.betas), built_statures_mm(model.data), per.vertices, measured,
+        rest_stature_mm(model.data, per.fit.betas), built_statures_mm(model.data), per.vertices, seg.on_table_s,
         seg.off_image_s)
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
                      per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,

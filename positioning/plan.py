@@ -178,8 +178,9 @@ def fitted_body_warnings(stature_mm: float, built_statures_mm: tuple[float, floa
 
     stature_mm: the fitted body's standing height; built_statures_mm: (shortest, tallest) of the bodies the
     model was built from (bodymodel.built_statures_mm), None when the model does not say. vertices (V, 3):
-    the fitted body; measured (N, 3): everything measured of the patient (its points and the hidden ends of
-    camera rays through it); off_image (K, 3): its points at the image's edge: mm, frame S.
+    the fitted body; measured (N, 3): everything measured at body height on the table (Segmentation.on_table_s:
+    a blanket's low tail over the feet is not the patient's segmented surface, but the feet are under it);
+    off_image (K, 3): the patient's points at the image's edge: mm, frame S.
     """
     if stature_mm < MIN_STATURE_MM:
         raise PlanRefused("PATIENT_TOO_SMALL", f"the patient measures about {stature_mm / 1000:.2f} m: the body model, "
@@ -192,10 +193,10 @@ def fitted_body_warnings(stature_mm: float, built_statures_mm: tuple[float, floa
                          "message": f"the patient measures about {stature_mm / 1000:.2f} m, outside the "
                                     f"{_statures(built_statures_mm)} of the bodies the model was built from: check "
                                     f"the range and the table height on the lasers"})
-    lo, hi = float(measured[:, 1].min()), float(measured[:, 1].max())
+    lo, hi = np.percentile(measured[:, 1], [0.1, 99.9])  # not a stray speck's
     edge_y = np.zeros(0) if off_image is None or len(off_image) < OFF_IMAGE_POINTS else off_image[:, 1]
-    for side, excess, end in (("towards the gantry", float(vertices[:, 1].max()) - hi, hi),
-                              ("away from the gantry", lo - float(vertices[:, 1].min()), lo)):
+    for side, excess, end in (("towards the gantry", float(vertices[:, 1].max() - hi), hi),
+                              ("away from the gantry", float(lo - vertices[:, 1].min()), lo)):
         # Where the patient runs off the image, the body goes on past the last measured point.
         if excess > BEYOND_PATIENT_MM and not np.any(np.abs(edge_y - end) < BEYOND_PATIENT_MM):
             warnings.append({"code": "FIT_BEYOND_PATIENT",

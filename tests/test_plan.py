@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -338,6 +339,60 @@ def test_a_camera_too_close_to_see_the_head_refuses_the_chest(body_model, keypoi
     with pytest.raises(PlanRefused, match="runs off the camera's image 0 mm from the chest range") as err:
         plan_from_capture(cap, "chest", body_model, keypoint_net, ScannerSpec(bore_diameter_mm=850.0))
     assert err.value.code == "REGION_NOT_VISIBLE"
+
+
+def test_the_fitted_bodys_stature_is_measured_as_the_models_bodies_were(body_model):
+    from positioning.bodymodel import built_statures_mm, rest_stature_mm
+
+    d = body_model.data
+    for i in (0, 17, 311):  # within what keeping 16 shape coefficients of each built body loses
+        assert abs(rest_stature_mm(d, d.train["betas"][i]) - d.train["stature_m"][i] * 1000) < 3.0
+    lo, hi = built_statures_mm(d)
+    assert 1400 < lo < 1500 and 2000 < hi < 2100
+
+
+def test_a_small_child_is_refused_and_a_stature_outside_the_models_warned(body_model):
+    from positioning.plan import fitted_body_warnings
+
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    with pytest.raises(PlanRefused, match=r"measures about 0.95 m: .* does not describe a small child") as err:
+        fitted_body_warnings(950.0, (1452.0, 2050.0), v, pts)
+    assert err.value.code == "PATIENT_TOO_SMALL"
+    assert fitted_body_warnings(1700.0, (1452.0, 2050.0), v, pts) == []
+    for stature in (1300.0, 2200.0):
+        (w,) = fitted_body_warnings(stature, (1452.0, 2050.0), v, pts)
+        assert w["code"] == "STATURE_OUTSIDE_MODEL" and "1.45-2.05 m" in w["message"]
+
+
+def test_a_fitted_body_reaching_past_the_measured_patient_is_warned(body_model):
+    """Straight legs fitted to bent knees reach past the feet the camera saw: warned; unless the patient runs
+    off the image there, where the body goes on unseen."""
+    from positioning.plan import fitted_body_warnings
+
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    assert fitted_body_warnings(1700.0, None, v, pts) == []
+    short = pts[pts[:, 1] > pts[:, 1].min() + 300.0]  # no measured point over the last 300 mm of the legs
+    (w,) = fitted_body_warnings(1700.0, None, v, short)
+    assert w["code"] == "FIT_BEYOND_PATIENT" and "away from the gantry" in w["message"]
+    edge = short[short[:, 1] < short[:, 1].min() + 5.0][:40]
+    assert fitted_body_warnings(1700.0, None, v, short, off_image=edge) == []
+
+
+@pytest.mark.slow
+def test_a_child_under_1_1_m_is_refused(body_model, keypoint_net):
+    """A 1.0 m child (anny, 8 years), arms up: planned before, 17.6 mm off the ISO height with no warning."""
+    pytest.importorskip("anny")
+    from positioning.cli import plan_from_capture
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    p = sample_scene(40_000_018, load_config(Path(__file__).parents[1] / "bench/scenes/children.toml"),
+                     body_model.data.train["betas"])
+    cap, truth = simulate(p, body_model)
+    assert truth["stature_mm"] < 1000.0
+    with pytest.raises(PlanRefused, match="does not describe a small child") as err:
+        plan_from_capture(cap, "chest", body_model, keypoint_net, ScannerSpec(bore_diameter_mm=850.0))
+    assert err.value.code == "PATIENT_TOO_SMALL"
 
 
 def test_patient_moved_is_detected(body_model):
