@@ -104,6 +104,21 @@ def test_config_fixes_and_ranges_parameters(tmp_path, body_model):
         assert 300 <= p.table_height_mm <= 310
 
 
+def test_anny_years_draws_the_same_scene_with_a_younger_body(tmp_path, body_model):
+    """Children: only the anny body's age changes; the default scenes (model bodies) draw as before."""
+    f, g = tmp_path / "c.toml", tmp_path / "d.toml"
+    f.write_text('body_source = "anny"\nanny_years = [3.0, 11.0]\n')
+    g.write_text('body_source = "anny"\n')
+    betas = body_model.data.train["betas"]
+    for seed in range(5):
+        child, adult = sample_scene(seed, load_config(f), betas), sample_scene(seed, load_config(g), betas)
+        assert 3.0 <= child.anny_phenotype["years"] <= 11.0 <= adult.anny_phenotype["years"]
+        assert dataclasses.replace(child, anny_phenotype=adult.anny_phenotype) == adult
+        assert {k: v for k, v in child.anny_phenotype.items() if k != "years"} == \
+               {k: v for k, v in adult.anny_phenotype.items() if k != "years"}
+    assert sample_scene(7, load_config(None), betas).anny_phenotype == {}
+
+
 def test_another_depth_resolution_draws_the_same_scene_at_that_size(tmp_path, body_model):
     """Captures from other cameras come at other sizes; the field of view stays, so the scene is the same."""
     f = tmp_path / "c.toml"
@@ -164,6 +179,8 @@ def test_outliers_are_random_depths_at_their_share_of_the_pixels():
     ("head_pillow_mm = 400", "head_pillow_mm must be a number from 0 to 150"),
     ("mattress_curve_mm = -5", "mattress_curve_mm must be a number from 0 to 100"),
     ("roll_deg = 200", "roll_deg must be a number from -90 to 90"),
+    ("anny_years = 0.5", "anny_years must be a number from 1 to 90"),
+    ("anny_years = [3, 5, 7]", "anny_years must be one age or a range"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
