@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "head_pillow_mm": 0.0,  # a pillow under a supine patient's head, the neck bent to lie on it; 0: none
     "mattress_curve_mm": 0.0,  # the mattress top's rise at its long edges over its centre line (a curved tabletop)
     "roll_deg": 0.0,  # the patient rolled about its long axis towards its left side (90: lying on it, decubitus)
+    "camera_pan_deg": 0.0,  # the optical axis tilted across the table (camera hung beside it); 0: in the y-z plane
     # Drawn only for body_source "anny", inside its phenotype (so it costs the other draws nothing):
     "anny_years": [12.0, 90.0],  # the anny body's age, years; children under 12 lie outside the model's bodies
 }
@@ -97,6 +98,7 @@ class SceneParams:
     head_pillow_mm: float = 0.0
     mattress_curve_mm: float = 0.0
     roll_deg: float = 0.0
+    camera_pan_deg: float = 0.0
     pose_seed: int = 0
     source_body: int = -1  # index of the model's training body the shape was drawn around
     anny_phenotype: dict[str, float] = field(default_factory=dict)
@@ -141,7 +143,8 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
                 for x in (v if isinstance(v, list) else [v])):
             raise SceneConfigError(f"{p}: {k} must be a number from 0 to 1")
         for name, lo, hi, unit in (("head_pillow_mm", 0, 150, "mm"), ("mattress_curve_mm", 0, 100, "mm"),
-                                   ("roll_deg", -90, 90, "degrees"), ("anny_years", 1, 90, "years")):
+                                   ("roll_deg", -90, 90, "degrees"), ("anny_years", 1, 90, "years"),
+                                   ("camera_pan_deg", -45, 45, "degrees")):
             if k == name and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi
                                      for x in (v if isinstance(v, list) else [v])):
                 raise SceneConfigError(f"{p}: {name} must be a number from {lo} to {hi} ({unit})")
@@ -189,7 +192,8 @@ def with_table_at(p: SceneParams, height_mm: float, longitudinal_mm: float) -> S
     import math
 
     dh, dl = height_mm - p.table_height_mm, longitudinal_mm - p.table_longitudinal_mm
-    tan_t = math.tan(math.radians(p.camera_tilt_deg))
+    tan_t, tan_a = math.tan(math.radians(p.camera_tilt_deg)), math.tan(math.radians(p.camera_pan_deg))
     return dataclasses.replace(p, table_height_mm=float(height_mm), table_longitudinal_mm=float(longitudinal_mm),
                                camera_height_mm=p.camera_height_mm + dh,
-                               camera_target_y_mm=p.camera_target_y_mm - dl + dh * tan_t)
+                               camera_target_y_mm=p.camera_target_y_mm - dl + dh * tan_t,
+                               camera_lateral_mm=p.camera_lateral_mm - dh * tan_a)

@@ -35,16 +35,17 @@ class SimCamera:
 
 
 def camera_pose(height_mm: float, tilt_deg: float, roll_deg: float, lateral_mm: float, target_y_t: float,
-                table_height_mm: float, table_longitudinal_mm: float) -> np.ndarray:
+                table_height_mm: float, table_longitudinal_mm: float, pan_deg: float = 0.0) -> np.ndarray:
     """(4, 4) camera_to_scanner of a ceiling camera looking down at the table.
 
-    Image x runs along the table (+y_S); the optical axis meets the tabletop's centre
-    line at y_T = target_y_t, tilted towards the gantry by tilt_deg, then rolled.
+    Image x runs along the table (+y_S); the optical axis meets the tabletop at y_T = target_y_t,
+    x = lateral_mm, tilted towards the gantry by tilt_deg and across the table by pan_deg (the
+    camera hung that far to the patient's right, +x_S, looking back), then rolled.
     """
-    t = math.radians(tilt_deg)
-    target = np.array([0.0, table_longitudinal_mm + target_y_t, -table_height_mm])
-    pos = target + np.array([lateral_mm, -height_mm * math.tan(t), height_mm])
-    z_c = np.array([0.0, math.sin(t), -math.cos(t)])
+    t, a = math.radians(tilt_deg), math.radians(pan_deg)
+    target = np.array([lateral_mm, table_longitudinal_mm + target_y_t, -table_height_mm])
+    z_c = np.array([-math.sin(a) * math.cos(t), math.sin(t), -math.cos(a) * math.cos(t)])
+    pos = target + height_mm * np.array([math.tan(a), -math.tan(t) / math.cos(a), 1.0])  # target - z_c * h/z_c[2]
     x_c = np.array([0.0, 1.0, 0.0]) - z_c[1] * z_c
     x_c /= np.linalg.norm(x_c)
     y_c = np.cross(z_c, x_c)
@@ -71,7 +72,7 @@ def make_camera(p: SceneParams) -> SimCamera:
     """The scene's simulated RealSense: intrinsics and mount."""
     intr, k = d455_intrinsics(p.fx, p.principal_offset_px, *p.image_size)
     m = camera_pose(p.camera_height_mm, p.camera_tilt_deg, p.camera_roll_deg, p.camera_lateral_mm,
-                    p.camera_target_y_mm, p.table_height_mm, p.table_longitudinal_mm)
+                    p.camera_target_y_mm, p.table_height_mm, p.table_longitudinal_mm, p.camera_pan_deg)
     return SimCamera(intr, k, m)
 
 
