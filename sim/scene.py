@@ -192,7 +192,8 @@ def with_table_at(p: SceneParams, height_mm: float, longitudinal_mm: float) -> S
     import math
 
     dh, dl = height_mm - p.table_height_mm, longitudinal_mm - p.table_longitudinal_mm
-    tan_t, tan_a = math.tan(math.radians(p.camera_tilt_deg)), math.tan(math.radians(p.camera_pan_deg))
+    t, a = math.radians(p.camera_tilt_deg), math.radians(p.camera_pan_deg)
+    tan_t, tan_a = math.tan(t) / math.cos(a), math.tan(a)  # the camera's offsets from its target per mm of height
     return dataclasses.replace(p, table_height_mm=float(height_mm), table_longitudinal_mm=float(longitudinal_mm),
                                camera_height_mm=p.camera_height_mm + dh,
                                camera_target_y_mm=p.camera_target_y_mm - dl + dh * tan_t,

@@ -119,6 +119,27 @@ def test_anny_years_draws_the_same_scene_with_a_younger_body(tmp_path, body_mode
     assert sample_scene(7, load_config(None), betas).anny_phenotype == {}
 
 
+@pytest.mark.parametrize("tilt, pan", [(0.0, 0.0), (15.0, 0.0), (-10.0, 20.0), (30.0, -25.0)])
+def test_the_camera_aims_at_its_target_and_stays_put_when_the_table_moves(body_model, tilt, pan):
+    """camera_pan_deg hangs the camera beside the table, looking across; the table moving leaves it where it is."""
+    from sim.scene import with_table_at
+    from sim.simulate import make_camera
+
+    cfg = {**load_config(None), "camera_tilt_deg": tilt, "camera_pan_deg": pan}
+    p = sample_scene(11, cfg, body_model.data.train["betas"])
+    m = make_camera(p).camera_to_scanner
+    axis, pos = m[:3, 2], m[:3, 3]
+    target = np.array([p.camera_lateral_mm, p.table_longitudinal_mm + p.camera_target_y_mm, -p.table_height_mm])
+    s = (target - pos) @ axis
+    assert np.allclose(pos + s * axis, target, atol=1e-6)  # the optical axis meets the tabletop at the target
+    assert pos[2] + p.table_height_mm == pytest.approx(p.camera_height_mm)
+    assert np.degrees(np.arcsin(axis[1])) == pytest.approx(tilt)
+    assert np.degrees(np.arctan2(-axis[0], -axis[2])) == pytest.approx(pan)
+    assert np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3))
+    moved = with_table_at(p, p.table_height_mm + 60.0, p.table_longitudinal_mm - 200.0)
+    assert np.allclose(make_camera(moved).camera_to_scanner, m, atol=1e-6)
+
+
 def test_another_depth_resolution_draws_the_same_scene_at_that_size(tmp_path, body_model):
     """Captures from other cameras come at other sizes; the field of view stays, so the scene is the same."""
     f = tmp_path / "c.toml"
@@ -181,6 +202,7 @@ def test_outliers_are_random_depths_at_their_share_of_the_pixels():
     ("roll_deg = 200", "roll_deg must be a number from -90 to 90"),
     ("anny_years = 0.5", "anny_years must be a number from 1 to 90"),
     ("anny_years = [3, 5, 7]", "anny_years must be one age or a range"),
+    ("camera_pan_deg = 60", "camera_pan_deg must be a number from -45 to 45"),
 ])
 def test_bad_config_refused(tmp_path, text, expect):
     f = tmp_path / "c.toml"
