@@ -80,7 +80,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     """
     from positioning.bodymodel import built_statures_mm, load_body_model, rest_stature_mm
     from positioning.perceive import perceive
-    from positioning.plan import ScannerSpec, fitted_body_warnings, load_protocol, make_plan
+    from positioning.plan import ScannerSpec, fitted_body_warnings, load_protocol, make_plan, mount_warnings
 
     t0 = time.perf_counter()
     proto = load_protocol(protocol)
@@ -89,7 +89,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     per = perceive(cap, model, net, warm=warm)
     t2 = time.perf_counter()
     seg = per.segmentation
-    warnings = list(seg.warnings) + fitted_body_warnings(
+    warnings = list(seg.warnings) + mount_warnings(cap.scene.camera_to_scanner) + fitted_body_warnings(
         rest_stature_mm(model.data, per.fit.betas), built_statures_mm(model.data), per.vertices, seg.on_table_s,
         seg.off_image_s)
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),

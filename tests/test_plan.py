@@ -395,6 +395,31 @@ def test_a_child_under_1_1_m_is_refused(body_model, keypoint_net):
     assert err.value.code == "PATIENT_TOO_SMALL"
 
 
+@pytest.mark.parametrize("tilt, pan, warned", [(0.0, 0.0, []), (20.0, 0.0, []), (-20.0, 25.0, []),
+                                               (30.0, 0.0, ["along"]), (-24.0, 0.0, ["along"]),
+                                               (10.0, -30.0, ["across"]), (35.0, 35.0, ["along", "across"])])
+def test_a_camera_mounted_beyond_the_measured_mounts_is_warned(tilt, pan, warned):
+    from positioning.plan import mount_warnings
+    from sim.simulate import camera_pose
+
+    w = mount_warnings(camera_pose(1800.0, tilt, 2.0, 60.0, -1000.0, 200.0, -1000.0, pan))
+    assert [x["code"] for x in w] == ["CAMERA_MOUNT_UNMEASURED"] * len(warned)
+    assert [x["message"].split(" the table")[0].split()[-1] for x in w] == warned
+
+
+def test_a_steep_cameras_plan_says_so(body_model, keypoint_net):
+    """A camera 30 deg along the table: the keypoints slide about 10 mm away from the gantry (docs/planning.md)."""
+    from positioning.cli import plan_from_capture
+    from sim.scene import load_config, sample_scene
+    from sim.simulate import simulate
+
+    p = sample_scene(40_000_010, {**load_config(None), "camera_tilt_deg": 30.0, "bore_diameter_mm": 850.0},
+                     body_model.data.train["betas"])
+    plan, _ = plan_from_capture(simulate(p, body_model)[0], "chest", body_model, keypoint_net,
+                                ScannerSpec(bore_diameter_mm=850.0))
+    assert "CAMERA_MOUNT_UNMEASURED" in [w["code"] for w in plan.warnings]
+
+
 def test_patient_moved_is_detected(body_model):
     from positioning.plan import patient_moved
 
