@@ -50,7 +50,7 @@ EXTRA = [
     scene_plan("head-pillow", 100), scene_plan("head-pillow", 100, "head"),
     scene_plan("side-lying", 24), scene_plan("half-side", 24),
     scene_plan("children", 40), scene_plan("children", 40, "abdomen"),
-    scene_plan("steep-camera", 60), scene_plan("camera-beside", 60),
+    scene_plan("steep-camera", 60), scene_plan("steep-camera-away", 60), scene_plan("camera-beside", 60),
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),
