@@ -5,6 +5,7 @@ import dataclasses
 import gc
 import time
 
+import numpy as np
 import pytest
 
 from positioning.camera import CameraError, RecordingSource
@@ -82,6 +83,25 @@ def test_librealsense_filters_fill_holes_in_playback(sim_cases, tmp_path):
     f = play.read()
     play.stop()
     assert (f.depth > 0).mean() > (cap.depth > 0).mean() + 0.01
+
+
+def test_sources_hand_the_planner_raw_depth_unless_filters_are_asked_for(sim_cases, tmp_path):
+    """librealsense's spatial filter moves a patient's surface about 4 mm (docs/perception.md): plans get raw depth."""
+    from positioning.camera import RealSenseSource
+
+    cap = read_capture(sim_cases[0])
+    rec = tmp_path / "one.db3"
+    src = SimulatedSource([cap], record_to=rec)
+    src.start()
+    src.read()
+    src.stop()
+    gc.collect()
+    play = RecordingSource(rec)
+    play.start()
+    f = play.read()
+    play.stop()
+    assert np.array_equal(f.depth, cap.depth)
+    assert RealSenseSource(serial="ANY").filters is False  # the constructor does no I/O
 
 
 def test_a_second_camera_in_one_source_is_refused(sim_cases):
