@@ -47,7 +47,7 @@ MIN_STATURE_MM, STATURE_TOLERANCE_MM = 1100.0, 50.0
 BEYOND_PATIENT_MM = 150.0
 # The camera mounts ctpos is measured on: the optical axis up to 20 degrees off the vertical along the table
 # (the default scenes) and 25 across (bench/scenes/camera-beside.toml). Steeper along, the keypoints slide
-# away from the gantry: at 25-35 degrees the chest's ranges moved about 10 mm and 1 in 8 missed the lungs
+# away from the gantry: at 25-35 degrees the chest's ranges moved about 10 mm and 11-14 % missed the lungs
 # (docs/planning.md, "Other camera mounts"). A degree beyond is a calibration's error, not another mount.
 MOUNT_MEASURED_DEG = {"along": 20.0, "across": 25.0}
 MOUNT_SLACK_DEG = 1.0

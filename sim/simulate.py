@@ -40,7 +40,7 @@ def camera_pose(height_mm: float, tilt_deg: float, roll_deg: float, lateral_mm: 
 
     Image x runs along the table (+y_S); the optical axis meets the tabletop at y_T = target_y_t,
     x = lateral_mm, tilted towards the gantry by tilt_deg and across the table by pan_deg (the
-    camera hung that far to the patient's right, +x_S, looking back), then rolled.
+    camera hung beside the table on its +x_S side, looking back across it), then rolled.
     """
     t, a = math.radians(tilt_deg), math.radians(pan_deg)
     target = np.array([lateral_mm, table_longitudinal_mm + target_y_t, -table_height_mm])
