@@ -70,18 +70,23 @@ def test_a_slow_reader_loses_no_recorded_frame(sim_cases, tmp_path):
     assert all((f.depth == c.depth).all() for f, c in zip(back, caps))
 
 
-def test_librealsense_filters_fill_holes_in_playback(sim_cases, tmp_path):
-    cap = read_capture(sim_cases[0])
-    rec = tmp_path / "one.db3"
+def _played_back(cap, rec, filters: bool):
+    """One capture recorded through the software device and played back, with or without librealsense's filters."""
     src = SimulatedSource([cap], record_to=rec)
     src.start()
     src.read()
     src.stop()
     gc.collect()
-    play = RecordingSource(rec, filters=True)
+    play = RecordingSource(rec, filters=filters)
     play.start()
     f = play.read()
     play.stop()
+    return f
+
+
+def test_librealsense_filters_fill_holes_in_playback(sim_cases, tmp_path):
+    cap = read_capture(sim_cases[0])
+    f = _played_back(cap, tmp_path / "one.db3", filters=True)
     assert (f.depth > 0).mean() > (cap.depth > 0).mean() + 0.01
 
 
@@ -90,17 +95,7 @@ def test_sources_hand_the_planner_raw_depth_unless_filters_are_asked_for(sim_cas
     from positioning.camera import RealSenseSource
 
     cap = read_capture(sim_cases[0])
-    rec = tmp_path / "one.db3"
-    src = SimulatedSource([cap], record_to=rec)
-    src.start()
-    src.read()
-    src.stop()
-    gc.collect()
-    play = RecordingSource(rec)
-    play.start()
-    f = play.read()
-    play.stop()
-    assert np.array_equal(f.depth, cap.depth)
+    assert np.array_equal(_played_back(cap, tmp_path / "one.db3", filters=False).depth, cap.depth)
     assert RealSenseSource(serial="ANY").filters is False  # the constructor does no I/O
 
 
