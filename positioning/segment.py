@@ -39,6 +39,7 @@ STANDING_BESIDE_MM = 400.0  # beyond the footprint's side: where a person standi
 # between them: the tail of the sensor's noise (3 of 100 held-out scenes reported such a patch as an object,
 # 6-14 % of the points in its cells at body height; a box on the mattress, or feet, 93-100 %; docs/perception.md).
 OBJECT_COVER = 0.5
+SHADOW_BRIDGE_MM = 150.0  # unseen gaps this wide or narrower within the occupied cells do not part them
 # A pixel this fraction of its depth behind the nearest and in front of the farthest depth around it (5 x 5) lies
 # between two surfaces: a real surface would have to be seen more than 81 degrees off its normal (60 mm over two
 # 4.7 mm pixels, at 2 m and 848 px wide; 73 degrees at 424 px wide), where stereo barely measures.
@@ -493,14 +494,23 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     np.maximum.at(hm, (iy[cand], ix[cand]), above[cand].astype(np.float32))
     occ = np.isfinite(hm).astype(np.uint8)
     occ = cv2.morphologyEx(occ, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(occ, connectivity=8)
+    # A stretch the camera saw nothing of, at any height, does not part a body: from a steep mount the chin's
+    # shadow hides the neck and the head came apart from the trunk as an "object" (docs/perception.md). Unseen
+    # cells within SHADOW_BRIDGE_MM of the occupied ones join what lies on either side of them.
+    seen_any = np.zeros(ny * nx, bool)
+    in_y = in_foot & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
+    seen_any[iy[in_y] * nx + ix[in_y]] = True
+    k = int(SHADOW_BRIDGE_MM / CELL_MM) | 1
+    bridge = ~seen_any.reshape(ny, nx) & (cv2.morphologyEx(occ, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8)) > 0)
+    n, labels = cv2.connectedComponents(occ | bridge.astype(np.uint8), connectivity=8)
+    area_of = np.bincount(labels[occ > 0], minlength=n)  # cells; the bridges are not the body's area
     cell_m2 = (CELL_MM / 1000.0) ** 2
-    parts = sorted(range(1, n), key=lambda i: -stats[i, cv2.CC_STAT_AREA])
-    if not parts or stats[parts[0], cv2.CC_STAT_AREA] * cell_m2 < MIN_PATIENT_AREA_M2:
+    parts = sorted((i for i in range(1, n) if area_of[i] > 0), key=lambda i: -area_of[i])
+    if not parts or area_of[parts[0]] * cell_m2 < MIN_PATIENT_AREA_M2:
         raise SegmentationError("no patient on the table")
     body = parts[0]
     label_of_point = np.where(cand, labels[iy, ix], 0)
-    body_area = stats[body, cv2.CC_STAT_AREA] * cell_m2
+    body_area = area_of[body] * cell_m2
     objects = []
     # Points at body height and on the support in each cell: a thing on the mattress hides the mattress under it,
     # while the sensor's noise lifts a few scattered points of a mattress still seen all around them.
@@ -508,7 +518,7 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     seen = on_support & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
     n_up, n_down = np.bincount(cell[cand], None, ny * nx), np.bincount(cell[seen], None, ny * nx)
     for p in parts[1:]:
-        area = stats[p, cv2.CC_STAT_AREA] * cell_m2
+        area = area_of[p] * cell_m2
         if area < 0.005 or above[label_of_point == p].max(initial=0) < 40.0:  # noise, a cable, a fold
             continue
         in_part = labels.ravel() == p
