@@ -118,6 +118,17 @@ def test_object_beside_the_patient_is_reported_not_fitted(body_model):
     assert abs(seg.objects[0].centre[0] + 210) < 40 and seg.objects[0].area_m2 > 0.005
 
 
+def test_a_head_behind_its_chins_shadow_is_the_patients(body_model):
+    """A camera tilted 30 deg along the table sees nothing of the neck (the chin's shadow): the head came apart from
+    the trunk and was reported as an object beside the patient, and the patient's points ended at the shoulders."""
+    p = sample_scene(40_000_004, {**load_config(None), "camera_tilt_deg": 30.0}, body_model.data.train["betas"])
+    cap, t = simulate(p, body_model)
+    seg = segment_patient(cap)
+    assert seg.objects == [] and "OBJECT_BESIDE_PATIENT" not in [w["code"] for w in seg.warnings]
+    head = t["joints_scanner_mm"]["head"]
+    assert np.any(np.linalg.norm(seg.points_s[:, :2] - head[:2], axis=1) < 50.0)
+
+
 def test_sensor_noise_on_the_free_mattress_is_not_an_object(body_model):
     """A tenth of the mattress's pixels in a 200 mm patch beside the patient read 30-45 mm high (the tail of a
     depth camera's noise where its smooth error lifts the support): no object. A box only 50 mm high there is one."""
