@@ -72,8 +72,8 @@ def main() -> None:
                 moved = filt.depth_mm()[px[:, 0], px[:, 1]] - raw.depth_mm()[px[:, 0], px[:, 1]]
                 moved = moved[filt.depth[px[:, 0], px[:, 1]] > 0]
                 row.update(moved_median_mm=float(np.median(moved)), moved_abs_mean_mm=float(np.abs(moved).mean()))
-            except SegmentationError:
-                pass
+            except SegmentationError as exc:  # no patient's pixels to compare; the plans below say why too
+                row["segmentation"] = str(exc)
             reg = truth["protocols"]["chest"]
             hd = 1.0 if truth["patient_position"].startswith("H") else -1.0
             for name, c in (("raw", raw), ("filtered", filt)):
