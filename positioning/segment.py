@@ -497,9 +497,9 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     # A stretch the camera saw nothing of, at any height, does not part a body: from a steep mount the chin's
     # shadow hides the neck and the head came apart from the trunk as an "object" (docs/perception.md). Unseen
     # cells within SHADOW_BRIDGE_MM of the occupied ones join what lies on either side of them.
+    cell = iy * nx + ix
     seen_any = np.zeros(ny * nx, bool)
-    in_y = in_foot & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
-    seen_any[iy[in_y] * nx + ix[in_y]] = True
+    seen_any[cell[in_foot & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)]] = True
     k = int(SHADOW_BRIDGE_MM / CELL_MM) | 1
     bridge = ~seen_any.reshape(ny, nx) & (cv2.morphologyEx(occ, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8)) > 0)
     n, labels = cv2.connectedComponents(occ | bridge.astype(np.uint8), connectivity=8)
@@ -514,7 +514,6 @@ def segment_patient(capture: Capture, min_valid_fraction: float = 0.3) -> Segmen
     objects = []
     # Points at body height and on the support in each cell: a thing on the mattress hides the mattress under it,
     # while the sensor's noise lifts a few scattered points of a mattress still seen all around them.
-    cell = iy * nx + ix
     seen = on_support & (pts_t[:, 1] >= y_lo) & (pts_t[:, 1] <= y_hi)
     n_up, n_down = np.bincount(cell[cand], None, ny * nx), np.bincount(cell[seen], None, ny * nx)
     for p in parts[1:]:
