@@ -93,11 +93,9 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
         rest_stature_mm(model.data, per.fit.betas), built_statures_mm(model.data), per.vertices, seg.on_table_s,
         seg.off_image_s)
     plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
-                     per.patient_position, per.position_confidence, per.residual_mm, per.segmentation.points_s,
-                     per.segmentation.support_z_s, cap.scene.table_height_mm, cap.scene.table_longitudinal_mm,
-                     spec or ScannerSpec(), warnings, forearms(per),
-                     np.concatenate([per.segmentation.on_table_s, per.segmentation.hidden_s]),
-                     per.segmentation.off_image_s)
+                     per.patient_position, per.position_confidence, per.residual_mm, seg.points_s, seg.support_z_s,
+                     cap.scene.table_height_mm, cap.scene.table_longitudinal_mm, spec or ScannerSpec(), warnings,
+                     forearms(per), np.concatenate([seg.on_table_s, seg.hidden_s]), seg.off_image_s)
     t3 = time.perf_counter()
     timing = {"read_and_load": read_ms + (t1 - t0) * 1000, **per.timing_ms, "plan": (t3 - t2) * 1000,
               "total": read_ms + (t3 - t0) * 1000}
