@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -121,58 +124,74 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Plan every capture under DIR and compare with its truth.json (simulated captures only)."""
+    """Plan every capture folder under DIR and compare each plan with its truth.json, where it has one.
+
+    Exit 0 when every capture was planned or refused with its reason; 1 when one failed unexpectedly (its
+    reason printed, the rest still evaluated).
+    """
     from positioning.bodymodel import load_body_model
     from positioning.capture import CaptureError, read_truth
+    from positioning.evaluate import compare, finite_number, summarise
     from positioning.keypoints import load_keypoint_net
     from positioning.plan import PlanRefused, ScannerSpec
     from positioning.segment import SegmentationError
 
-    model, net = load_body_model(), load_keypoint_net()
-    cases = sorted(p.parent for p in Path(args.dir).rglob("truth.json"))
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    # A capture folder is any folder holding one of a capture's files: one missing its depth is still a
+    # capture, refused with its reason, not skipped.
+    cases = sorted({p.parent for name in ("depth.png", "camera.json", "scene.json", "truth.json")
+                    for p in root.rglob(name)})
     if not cases:
-        raise ValueError(f"{args.dir}: no capture folders with truth.json")
-    rows = []
+        raise ValueError(f"{root}: no capture folders (CONVENTIONS.md) under it")
+    model, net = load_body_model(), load_keypoint_net()
+    rows, comparisons, failed = [], [], 0
     for case in cases:
-        truth = read_truth(case)
+        name = str(case.relative_to(root)) if case != root else case.name
         try:
-            # The simulated scanner's own bore (a real site configures its scanner's).
-            spec = ScannerSpec(bore_diameter_mm=truth["scene"]["bore_diameter_mm"])
+            truth, truth_note = read_truth(case), None
+        except CaptureError as exc:  # the capture is still planned; only the comparison is lost
+            truth, truth_note = {}, f"not compared ({exc})"
+        scene = truth.get("scene") if isinstance(truth.get("scene"), dict) else {}
+        bore = finite_number(scene.get("bore_diameter_mm"))
+        # The simulated scanner's own bore where the truth gives it (a real site configures its scanner's).
+        spec = ScannerSpec(bore_diameter_mm=bore if bore and bore > 0 else args.bore_mm)
+        try:
             plan, _ = plan_capture(case, args.protocol, model, net, spec)
         except (PlanRefused, SegmentationError, CaptureError) as exc:
-            rows.append({"case": case.name, "refused": str(exc)})
+            rows.append({"case": name, "refused": str(exc)})
             continue
-        t = truth["protocols"][args.protocol]
-        hd = 1.0 if truth["patient_position"].startswith("H") else -1.0
-        pr = plan.scan_range_scanner_mm
-        over_cr = (pr["cranial"] - t["cranial_y_mm"]) * hd
-        over_ca = (t["caudal_y_mm"] - pr["caudal"]) * hd
-        rows.append({"case": case.name, "position_ok": plan.patient_position == truth["patient_position"],
-                     "height_err": float(plan.table_height_mm - t["ideal_table_height_mm"]),
-                     "overscan_cranial": float(over_cr), "overscan_caudal": float(over_ca),
-                     "covered": bool(over_cr >= -5.0 and over_ca >= -5.0), "ms": float(plan.timing_ms["total"])})
-    ok = [r for r in rows if "refused" not in r]
-    print(f"protocol {args.protocol}: {len(rows)} captures, {len(rows) - len(ok)} refused")
-    if ok:
-        he = np.abs([r["height_err"] for r in ok])
-        print(f"table height error: median {np.median(he):.1f} mm, p95 {np.percentile(he, 95):.1f} mm")
-        print(f"range covers the truth region (5 mm tolerance): {np.mean([r['covered'] for r in ok]) * 100:.1f} %")
-        print(f"overscan: cranial median {np.median([r['overscan_cranial'] for r in ok]):.1f} mm, caudal median "
-              f"{np.median([r['overscan_caudal'] for r in ok]):.1f} mm")
-        print(f"patient position correct: {np.mean([r['position_ok'] for r in ok]) * 100:.1f} %")
-        print(f"plan time in process: median {np.median([r['ms'] for r in ok]):.0f} ms")
+        except Exception as exc:  # one capture's failure must not lose the others' results
+            log.debug("%s failed", case, exc_info=True)
+            failed += 1
+            rows.append({"case": name, "failed": f"{type(exc).__name__}: {exc}"})
+            continue
+        c = compare(plan.to_json(), truth, args.protocol)
+        comparisons.append(c)
+        rows.append({"case": name, **c.to_json(), "ms": round(float(plan.timing_ms["total"]), 1),
+                     **({"truth": truth_note} if truth_note else {})})
+    refused = sum("refused" in r for r in rows)
+    print(f"protocol {args.protocol}: {len(rows)} captures, {refused} refused, {failed} failed")
+    for line in summarise(comparisons):
+        print(line)
+    if comparisons:
+        print(f"plan time in process: median {np.median([r['ms'] for r in rows if 'ms' in r]):.0f} ms")
     for r in rows:
-        if "refused" in r:
-            print(f"refused {r['case']}: {r['refused']}")
+        for key in ("refused", "failed", "truth"):
+            if key in r:
+                print(f"{key} {r['case']}: {r[key]}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="plan simulated captures and compare with their truth")
-    p.add_argument("dir", help="folder of capture folders with truth.json")
+    p = sub.add_parser("eval", help="plan every capture under a folder and compare with its truth.json")
+    p.add_argument("dir", help="folder of capture folders (CONVENTIONS.md), with truth.json where known")
     p.add_argument("--protocol", required=True)
+    p.add_argument("--bore-mm", type=float, default=700.0,
+                   help="bore diameter for captures whose truth.json does not give their scanner's")
     p.add_argument("--json-out", help="write per-capture results here")
     p.set_defaults(func=_eval)
 

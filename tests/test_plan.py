@@ -582,6 +582,62 @@ def test_ctpos_eval_prints_the_accuracy_table(sim_cases):
     r = ctpos("eval", str(sim_cases[0].parent), "--protocol", "chest")
     assert r.returncode == 0, r.stderr
     assert "table height error" in r.stdout and "patient position correct" in r.stdout
+    assert "landmarks, distance to the truth's" in r.stdout and "not compared" not in r.stdout
+
+
+def test_a_plan_is_compared_with_what_its_truth_gives():
+    from positioning.evaluate import compare, summarise
+
+    plan = {"patient_position": "FFS", "table_height_mm": 200.0, "iso_offset_lateral_mm": 10.0,
+            "body_thickness_mm": 250.0, "scan_range_scanner_mm": {"cranial": -1300.0, "caudal": -1000.0},
+            "landmarks_scanner_mm": {"vertex": [0.0, -600.0, 100.0], "neck": [0.0, -800.0, 0.0]}}
+    region = {"cranial_y_mm": -1290.0, "caudal_y_mm": -1010.0, "ideal_table_height_mm": 203.0,
+              "iso_offset_lateral_mm": 12.0, "body_thickness_mm": 240.0}
+    full = compare(plan, {"patient_position": "FFS", "protocols": {"chest": region},
+                          "landmarks_scanner_mm": {"vertex": [3.0, -600.0, 104.0], "knee_left": [0, 0, 0]}}, "chest")
+    # Feet first, the head lies towards -y_S: both ends reach 10 mm past the region's (the truth's own ends say which
+    # way the head lies, so a wrong patient position does not flip the overscan's sign).
+    assert full.position_ok and full.height_err_mm == -3.0 and full.lateral_err_mm == -2.0
+    assert full.thickness_err_mm == 10.0 and full.overscan_cranial_mm == 10.0 and full.overscan_caudal_mm == 10.0
+    assert full.covered and full.landmark_err_mm == {"vertex": 5.0} and full.missing == ()
+    short = compare(plan, {"protocols": {"chest": {**region, "caudal_y_mm": -980.0}}}, "chest")
+    assert short.covered is False and short.overscan_caudal_mm == -20.0 and short.position_ok is None
+    # Another tool's truth: a top-level table height is the table's state there, never taken for the plan's.
+    foreign = compare(plan, {"patient_position": "HFS", "table_height_mm": 200.0,
+                             "protocols": {"chest": {"cranial_y_mm": float("nan"), "ideal_table_height_mm": "x"}}},
+                      "chest")
+    assert foreign.position_ok is False and foreign.height_err_mm is None and foreign.covered is None
+    assert foreign.missing == ("landmarks_scanner_mm", "protocols.chest")  # none of the region's five is usable
+    assert compare(plan, {"protocols": {"chest": {"body_thickness_mm": 240.0}}}, "chest").missing[2:] == tuple(
+        f"protocols.chest.{k}" for k in ("cranial_y_mm", "caudal_y_mm", "ideal_table_height_mm",
+                                         "iso_offset_lateral_mm"))
+    lines = summarise([full, foreign])
+    assert "patient position correct: 50.0 % (n=2)" in lines
+    assert any(line.startswith("table height error: median 3.0 mm") and "n=1" in line for line in lines)
+    assert lines[-1].startswith("not compared, as truth.json gives no usable landmarks_scanner_mm (in 1 of 2)")
+
+
+def test_ctpos_eval_goes_on_past_captures_it_cannot_plan_or_compare(sim_cases, tmp_path):
+    root = tmp_path / "other-tool"
+    for name in ("ours", "partial", "corrupt-truth", "no-truth", "no-depth"):
+        shutil.copytree(sim_cases[0], root / name)
+    truth = json.loads((sim_cases[0] / "truth.json").read_text())
+    (root / "partial" / "truth.json").write_text(json.dumps({"patient_position": truth["patient_position"]}))
+    (root / "corrupt-truth" / "truth.json").write_text('{"patient_position": ')
+    (root / "no-truth" / "truth.json").unlink()
+    (root / "no-depth" / "depth.png").unlink()
+    out = tmp_path / "rows.json"
+    r = ctpos("eval", str(root), "--protocol", "chest", "--json-out", str(out))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "protocol chest: 5 captures, 1 refused, 0 failed" in r.stdout
+    assert "patient position correct: 100.0 % (n=2)" in r.stdout and "(|error|, n=1)" in r.stdout
+    assert "refused no-depth: " in r.stdout and "depth.png: missing" in r.stdout
+    assert "truth corrupt-truth: not compared (" in r.stdout and "truth no-truth: not compared (" in r.stdout
+    rows = {row["case"]: row for row in json.loads(out.read_text())}
+    assert rows["partial"]["position_ok"] is True and rows["partial"]["height_err"] is None
+    assert rows["no-truth"]["ms"] > 0 and rows["ours"]["covered"] is not None
+    r = ctpos("eval", str(tmp_path / "nothing-here"), "--protocol", "chest")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a folder" in r.stderr
 
 
 def test_bore_clearance_moves_the_table_off_iso_only_as_far_as_needed():
