@@ -1,6 +1,7 @@
 """One simulated capture: a patient on the table under a ceiling RGB-D camera, with its ground truth."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ GOWN_JOINTS = {JOINT_INDEX[n] for n in ("pelvis", "spine1", "spine2", "spine3", 
                                           "left_hip", "right_hip", "left_shoulder", "right_shoulder")}
 SLAB_HALF_MM = 15.0
 TRUNK_JOINTS = ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar")
+# How far a limb swings at hip or shoulder to rest on the mattress, and the head nods at the neck: a neck bends back
+# or forwards 50-60 degrees, and a trunk settled 10 degrees head-up held a stiff head 100-125 mm over the mattress.
+LIMB_SWING_DEG, HEAD_NOD_DEG = 25.0, 45.0
 LABEL_COLOURS = {"floor": (0.45, 0.45, 0.43), "pedestal": (0.8, 0.8, 0.78), "tabletop": (0.2, 0.2, 0.22),
                  "mattress": (0.25, 0.35, 0.55), "gantry": (0.9, 0.9, 0.88), "cushion": (0.3, 0.5, 0.6),
                  "pillow": (0.85, 0.85, 0.8),
@@ -143,10 +147,10 @@ def _trunk(model: BodyModel) -> np.ndarray:
     return np.isin(model.data.weights.argmax(1), [JOINT_INDEX[n] for n in TRUNK_JOINTS])
 
 
-def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]]:
+def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None, float]]:
     """The four limbs for sim.body.place_body: (skinning weight (V,), joint chain from the root, swing axis
-    joints, the far part's weight or None). A leg's far part (knee down) drops onto the mattress; arms do not
-    drop (a hand may rest on the belly)."""
+    joints, the far part's weight or None, the largest swing in degrees). A leg's far part (knee down) drops onto
+    the mattress; arms do not drop (a hand may rest on the belly)."""
     w = model.data.weights
     hips = (JOINT_INDEX["right_hip"], JOINT_INDEX["left_hip"])
     shoulders = (JOINT_INDEX["right_shoulder"], JOINT_INDEX["left_shoulder"])
@@ -154,8 +158,8 @@ def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[in
     for side in ("left", "right"):
         leg = tuple(JOINT_INDEX[f"{side}_{j}"] for j in ("hip", "knee", "ankle", "foot"))
         arm = tuple(JOINT_INDEX[f"{side}_{j}"] for j in ("shoulder", "elbow", "wrist", "hand"))
-        out.append((w[:, list(leg)].sum(1), leg, hips, w[:, list(leg[1:])].sum(1)))
-        out.append((w[:, list(arm)].sum(1), arm, shoulders, None))
+        out.append((w[:, list(leg)].sum(1), leg, hips, w[:, list(leg[1:])].sum(1), LIMB_SWING_DEG))
+        out.append((w[:, list(arm)].sum(1), arm, shoulders, None, LIMB_SWING_DEG))
     return out
 
 
@@ -174,11 +178,30 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
         for joint, share in (("neck", 0.6), ("head", 0.4)):
             body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * bend
     template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
-    verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), body_pose, template, rng)
-    verts, joints, face, levels = place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg,
-                                            p.lateral_offset_mm, p.head_gap_mm, p.mattress_mm, p.table_height_mm,
-                                            p.table_longitudinal_mm, _trunk(model), p.sink_mm, _limbs(model),
-                                            p.mattress_curve_mm, p.roll_deg)
+
+    def place(pose: np.ndarray, draws: np.random.Generator, head=None) -> tuple:
+        verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), pose, template, draws)
+        return place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg, p.lateral_offset_mm,
+                          p.head_gap_mm, p.mattress_mm, p.table_height_mm, p.table_longitudinal_mm, _trunk(model),
+                          p.sink_mm, _limbs(model), p.mattress_curve_mm, p.roll_deg, head)
+
+    if not (p.head_pillow_mm > 0 and p.patient_position.endswith("S")):
+        # The head rests on the mattress, the neck bent back or forwards (at most HEAD_NOD_DEG in all): placed to
+        # find the nod that would rest it, posed with it (shared 3:2 by neck and head, as the pillow's bend above),
+        # until it rests (a posed nod does about 3/4 of the swing's work: 2-3 rounds). The trial poses draw their
+        # internal levels from a copy of the generator, so no later draw changes.
+        head = (model.data.weights[:, JOINT_INDEX["head"]], JOINT_INDEX["neck"],
+                (JOINT_INDEX["right_shoulder"], JOINT_INDEX["left_shoulder"]), HEAD_NOD_DEG)
+        total, limit = 0.0, math.radians(HEAD_NOD_DEG)
+        for _ in range(3):
+            *_, nod = place(body_pose, copy.deepcopy(rng), head)
+            nod = float(np.clip(total + nod, -limit, limit)) - total
+            if abs(nod) < math.radians(0.5):
+                break
+            total += nod
+            for joint, share in (("neck", 0.6), ("head", 0.4)):
+                body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * nod
+    verts, joints, face, levels, _ = place(body_pose, rng)
     return template, verts, joints, face, levels
 
 
