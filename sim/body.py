@@ -177,7 +177,7 @@ def resting_tilt(v: np.ndarray, max_tilt_deg: float = 25.0) -> np.ndarray:
 
 def limb_swings(v: np.ndarray, floor_z: float,
                 limbs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
-                max_deg: float | list[float] = 25.0) -> list[np.ndarray]:
+                max_deg: float = 25.0) -> list[np.ndarray]:
     """(3, 3) the rotation that swings each limb about its root to rest on floor_z.
 
     v: (V, 3) vertices, z up. limbs: (w (V,) the limb's skinning weight, root (3,)
@@ -190,14 +190,14 @@ def limb_swings(v: np.ndarray, floor_z: float,
     shoulder give way: the limb swings by the smallest angle that brings the lowest
     point of its rigid part (an arm beyond the shoulder's blend, a leg from the knee
     down) within 2 mm above the floor, from below, or for a dropping limb from above;
-    when none up to max_deg (one for all, or one per limb) does, by the one that comes
-    closest. Identity when it rests already. Vertices follow by their weight (``swing``).
+    when none up to max_deg does, by the one that comes closest. Identity when it
+    rests already. Vertices follow by their weight (``swing``).
     """
     from scipy.spatial.transform import Rotation
 
     out = []
-    for (w, root, axis, drop), most in zip(limbs, np.broadcast_to(max_deg, len(limbs))):
-        steps = np.radians(np.arange(0.25, most + 0.01, 0.25))
+    steps = np.radians(np.arange(0.25, max_deg + 0.01, 0.25))
+    for w, root, axis, drop in limbs:
         rot = np.eye(3)
         # Only the limb's rigid part decides: what lies beside the root (a buttock) hardly moves with the swing.
         far = (w > 0.5) if drop is None else (drop > 0.5)
@@ -227,7 +227,7 @@ def swing(p: np.ndarray, w: np.ndarray, root: np.ndarray, r: np.ndarray) -> np.n
 def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: dict[str, np.ndarray],
                position: str, yaw_deg: float, lateral_mm: float, head_gap_mm: float, mattress_top_t: float,
                table_height_mm: float, table_long_mm: float, balance: np.ndarray, sink_mm: float = 0.0,
-               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None, float]] = (),
+               limbs: list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]] = (),
                mattress_curve_mm: float = 0.0, roll_deg: float = 0.0,
                head: tuple[np.ndarray, int, tuple[int, int], float] | None = None) -> tuple:
     """Turn a posed body (metres, body frame) into frame S (mm), lying on the mattress.
@@ -261,9 +261,8 @@ def place_body(verts: np.ndarray, joints: np.ndarray, face: np.ndarray, levels: 
     v, jj, f = tf(verts), tf(joints), tf(face)
     lv = {k: tf(p) for k, p in levels.items()}
     floor = v[balance, 2].min()
-    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a], drop) for w, chain, (a, b), drop, _ in limbs],
-                       [most for *_, most in limbs])
-    for (w, chain, _, _, _), r in zip(limbs, rots):
+    rots = limb_swings(v, floor, [(w, jj[chain[0]], jj[b] - jj[a], drop) for w, chain, (a, b), drop in limbs])
+    for (w, chain, _, _), r in zip(limbs, rots):
         root = jj[chain[0]].copy()
         v = swing(v, w, root, r)
         jj[list(chain)] = swing(jj[list(chain)], np.ones(len(chain)), root, r)

@@ -20,9 +20,9 @@ GOWN_JOINTS = {JOINT_INDEX[n] for n in ("pelvis", "spine1", "spine2", "spine3", 
                                           "left_hip", "right_hip", "left_shoulder", "right_shoulder")}
 SLAB_HALF_MM = 15.0
 TRUNK_JOINTS = ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar")
-# How far a limb swings at hip or shoulder to rest on the mattress, and the head nods at the neck: a neck bends back
-# or forwards 50-60 degrees, and a trunk settled 10 degrees head-up held a stiff head 100-125 mm over the mattress.
-LIMB_SWING_DEG, HEAD_NOD_DEG = 25.0, 45.0
+# How far the neck bends, back or forwards, to rest the head on the mattress: a neck bends 50-60 degrees, and a trunk
+# settled 10 degrees head-up held a stiff head 100-125 mm over the mattress.
+HEAD_NOD_DEG = 45.0
 LABEL_COLOURS = {"floor": (0.45, 0.45, 0.43), "pedestal": (0.8, 0.8, 0.78), "tabletop": (0.2, 0.2, 0.22),
                  "mattress": (0.25, 0.35, 0.55), "gantry": (0.9, 0.9, 0.88), "cushion": (0.3, 0.5, 0.6),
                  "pillow": (0.85, 0.85, 0.8),
@@ -147,10 +147,10 @@ def _trunk(model: BodyModel) -> np.ndarray:
     return np.isin(model.data.weights.argmax(1), [JOINT_INDEX[n] for n in TRUNK_JOINTS])
 
 
-def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None, float]]:
+def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[int, int], np.ndarray | None]]:
     """The four limbs for sim.body.place_body: (skinning weight (V,), joint chain from the root, swing axis
-    joints, the far part's weight or None, the largest swing in degrees). A leg's far part (knee down) drops onto
-    the mattress; arms do not drop (a hand may rest on the belly)."""
+    joints, the far part's weight or None). A leg's far part (knee down) drops onto the mattress; arms do not
+    drop (a hand may rest on the belly)."""
     w = model.data.weights
     hips = (JOINT_INDEX["right_hip"], JOINT_INDEX["left_hip"])
     shoulders = (JOINT_INDEX["right_shoulder"], JOINT_INDEX["left_shoulder"])
@@ -158,8 +158,8 @@ def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[in
     for side in ("left", "right"):
         leg = tuple(JOINT_INDEX[f"{side}_{j}"] for j in ("hip", "knee", "ankle", "foot"))
         arm = tuple(JOINT_INDEX[f"{side}_{j}"] for j in ("shoulder", "elbow", "wrist", "hand"))
-        out.append((w[:, list(leg)].sum(1), leg, hips, w[:, list(leg[1:])].sum(1), LIMB_SWING_DEG))
-        out.append((w[:, list(arm)].sum(1), arm, shoulders, None, LIMB_SWING_DEG))
+        out.append((w[:, list(leg)].sum(1), leg, hips, w[:, list(leg[1:])].sum(1)))
+        out.append((w[:, list(arm)].sum(1), arm, shoulders, None))
     return out
 
 

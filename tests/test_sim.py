@@ -347,5 +347,5 @@ def test_the_trunk_lies_on_the_mattress_in_every_scene(body_model):
         assert v[:, 2].min() >= mattress - 0.01
         assert v[head, 2].min() - mattress < 3.0, (seed, p.patient_position, p.pose)
         if p.patient_position.endswith("S"):  # supine, the calves or heels rest on it too
-            for _, _, _, far, _ in (limb for limb in _limbs(body_model) if limb[3] is not None):
+            for _, _, _, far in (limb for limb in _limbs(body_model) if limb[3] is not None):
                 assert v[far > 0.5, 2].min() - mattress < 3.0, (seed, p.pose)
