@@ -50,12 +50,15 @@ class Comparison:
         return self.overscan_cranial_mm >= -COVER_TOLERANCE_MM and self.overscan_caudal_mm >= -COVER_TOLERANCE_MM
 
     def to_json(self) -> dict[str, Any]:
-        r = lambda v: None if v is None else round(float(v), 2)  # noqa: E731
-        return {"position_ok": self.position_ok, "height_err": r(self.height_err_mm),
-                "lateral_err": r(self.lateral_err_mm), "thickness_err": r(self.thickness_err_mm),
-                "overscan_cranial": r(self.overscan_cranial_mm), "overscan_caudal": r(self.overscan_caudal_mm),
-                "covered": self.covered, "landmark_err": {k: r(v) for k, v in self.landmark_err_mm.items()},
+        return {"position_ok": self.position_ok, "height_err": _mm(self.height_err_mm),
+                "lateral_err": _mm(self.lateral_err_mm), "thickness_err": _mm(self.thickness_err_mm),
+                "overscan_cranial": _mm(self.overscan_cranial_mm), "overscan_caudal": _mm(self.overscan_caudal_mm),
+                "covered": self.covered, "landmark_err": {k: _mm(v) for k, v in self.landmark_err_mm.items()},
                 "truth_missing": list(self.missing)}
+
+
+def _mm(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 2)
 
 
 def finite_number(v: Any) -> float | None:

@@ -163,6 +163,12 @@ def _limbs(model: BodyModel) -> list[tuple[np.ndarray, tuple[int, ...], tuple[in
     return out
 
 
+def _bend_neck(body_pose: np.ndarray, rad: float) -> None:
+    """Nod the head forwards by rad (negative: back) in a (69,) body pose, shared 3:2 by the neck and head joints."""
+    for joint, share in (("neck", 0.6), ("head", 0.4)):
+        body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * rad
+
+
 def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | None = None):
     """The scene's patient in S (mm): (own rest mesh or None, vertices, joints, face points, internal levels).
 
@@ -174,9 +180,7 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     if p.head_pillow_mm > 0 and p.patient_position.endswith("S"):
         # The neck and head bend forwards until the back of the head (some 180 mm from the neck joint) is
         # about the pillow's height up; the pillow then fills the gap (simulate()).
-        bend = math.asin(min(p.head_pillow_mm / 180.0, 0.8))
-        for joint, share in (("neck", 0.6), ("head", 0.4)):
-            body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * bend
+        _bend_neck(body_pose, math.asin(min(p.head_pillow_mm / 180.0, 0.8)))
     template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
 
     def place(pose: np.ndarray, draws: np.random.Generator, head=None) -> tuple:
@@ -187,7 +191,7 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
 
     if not (p.head_pillow_mm > 0 and p.patient_position.endswith("S")):
         # The head rests on the mattress, the neck bent back or forwards (at most HEAD_NOD_DEG in all): placed to
-        # find the nod that would rest it, posed with it (shared 3:2 by neck and head, as the pillow's bend above),
+        # find the nod that would rest it, posed with it (``_bend_neck``, as the pillow's bend above),
         # until it rests (a posed nod does about 3/4 of the swing's work: 2-3 rounds). The trial poses draw their
         # internal levels from a copy of the generator, so no later draw changes.
         head = (model.data.weights[:, JOINT_INDEX["head"]], JOINT_INDEX["neck"],
@@ -199,8 +203,7 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
             if abs(nod) < math.radians(0.5):
                 break
             total += nod
-            for joint, share in (("neck", 0.6), ("head", 0.4)):
-                body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * nod
+            _bend_neck(body_pose, nod)
     verts, joints, face, levels, _ = place(body_pose, rng)
     return template, verts, joints, face, levels
 
