@@ -65,8 +65,11 @@ def _sample(seed: int):
 
 def generate(seeds: list[int], out: Path, workers: int = 2) -> None:
     t = time.perf_counter()
-    with mp.get_context("fork").Pool(workers) as pool:
-        rows = [r for r in pool.imap(_sample, seeds, chunksize=8) if r is not None]
+    if workers == 1:  # in this process: a fork of one that has run torch can hang on torch's thread pool
+        rows = [r for r in map(_sample, seeds) if r is not None]
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            rows = [r for r in pool.imap(_sample, seeds, chunksize=8) if r is not None]
     np.savez_compressed(out, views=np.stack([r[0] for r in rows]), origins=np.stack([r[1] for r in rows]),
                         cells=np.stack([r[2] for r in rows]), heights=np.stack([r[3] for r in rows]),
                         position=np.array([r[4] for r in rows]))
@@ -185,12 +188,15 @@ def evaluate(net: KeypointNet, data: dict) -> dict:
             "per_keypoint_3d_median_mm": {n: float(np.median(e3[:, i])) for i, n in enumerate(KEYPOINTS)}}
 
 
-def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0) -> dict:
+def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0, init: Path | None = None,
+          max_lr: float = 3e-3) -> dict:
     """Each step takes 16 captures with both their views (VIEWS' grids: which points share a cell differs), each
     window with its own fresh noise (``renoise``) and both views of a capture flipped alike. Besides the heatmap,
     height and prone losses, a keypoint read from the heatmap (``_local_soft_argmax``) is pulled to its truth
     (COORD_WEIGHT) and towards the same place in the capture's other view (AGREE_WEIGHT): what the keypoints must
-    not follow is the noise and the grid, as the same patient at three table positions shows (docs/planning.md)."""
+    not follow is the noise and the grid, as the same patient at three table positions shows (docs/planning.md).
+
+    init: weights to start from (fine-tuning an earlier network on a changed simulator, with a lower max_lr)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tr, te = dict(np.load(train_npz)), dict(np.load(test_npz))
@@ -200,11 +206,11 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
     c_all = torch.as_tensor(view_cells(cells, tr["origins"]).astype(np.float32))  # (N, V, K, 2)
     h_all = torch.as_tensor(heights / HEIGHT_SCALE_MM)
     p_all = torch.as_tensor(np.char.endswith(tr["position"].astype(str), "P").astype(np.float32))
-    net = KeypointNet()
+    net = load_keypoint_net(init) if init is not None else KeypointNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     per_step = 32 // n_views
     steps = epochs * ((len(x_all) + per_step - 1) // per_step)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
     bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(20.0))
     t0 = time.perf_counter()
     for ep in range(epochs):
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--report", type=Path, default=Path("docs/keypoints-report.json"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--init", type=Path, help="start from these weights instead of a fresh network (fine-tuning)")
+    ap.add_argument("--max-lr", type=float, default=3e-3, help="the one-cycle schedule's peak learning rate")
     ap.add_argument("--evaluate", action="store_true",
                     help="no training: evaluate the weights in --out on the test captures, as detect_keypoints runs")
     args = ap.parse_args(argv)
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {**{k: trained[k] for k in ("train_samples", "epochs", "train_seconds", "parameters") if k in trained},
                   **evaluate(load_keypoint_net(args.out), dict(np.load(te)))}
     else:
-        report = train(tr, te, args.out, args.epochs)
+        report = train(tr, te, args.out, args.epochs, init=args.init, max_lr=args.max_lr)
     args.report.write_text(json.dumps(report, indent=1) + "\n")
     log.info("%s", json.dumps(report, indent=1))
     return 0

@@ -242,3 +242,25 @@ def test_committed_network_finds_keypoints_near_the_truth(sim_cases):
         positions.append((kp.position, t["patient_position"]))
     assert np.median(np.concatenate(errs)) < 60
     assert all(a == b for a, b in positions), positions
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path, keypoint_net):
+    """--init: a network fine-tuned with a vanishing learning rate keeps the weights it started from; a fresh one does
+    not have them. Two simulated captures, one epoch. Weights only: batch norm's running statistics move with every
+    training pass whatever the learning rate."""
+    from sim.keypoint_training import TRAIN_SEED0, generate, train
+
+    data = tmp_path / "two.npz"
+    generate([TRAIN_SEED0, TRAIN_SEED0 + 1], data, workers=1)
+    init = tmp_path / "init.pt"
+    torch.save({"model": keypoint_net.state_dict(), "keypoints": list(KEYPOINTS)}, init)
+    start = {k: v.detach().clone() for k, v in keypoint_net.named_parameters()}
+
+    def largest_change(out):
+        got = torch.load(out, map_location="cpu", weights_only=True)["model"]
+        return max(float((got[k].float() - start[k].float()).abs().max()) for k in start)
+
+    train(data, data, tmp_path / "tuned.pt", epochs=1, init=init, max_lr=1e-12)
+    train(data, data, tmp_path / "fresh.pt", epochs=1, max_lr=1e-12)
+    assert largest_change(tmp_path / "tuned.pt") < 1e-6
+    assert largest_change(tmp_path / "fresh.pt") > 1e-2
