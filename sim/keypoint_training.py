@@ -1,6 +1,7 @@
 """Train the depth keypoint network on simulated captures: one reproducible command, CPU only.
 
     python -m sim.keypoint_training --train 3000 --test 300 --epochs 12
+    python -m sim.keypoint_training --epochs 6 --init OLD.pt --max-lr 1e-3   # fine-tune (v5 from v4, docs/perception.md)
 
 1. Simulates captures across all poses, body types, blankets and camera mounts the
    simulator offers (training seeds and held-out seeds never overlap), segments each
