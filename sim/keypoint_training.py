@@ -2,6 +2,7 @@
 
     python -m sim.keypoint_training --train 3000 --test 300 --epochs 12
     python -m sim.keypoint_training --epochs 6 --init OLD.pt --max-lr 1e-3   # fine-tune (v5 from v4, docs/perception.md)
+    python -m sim.keypoint_training --train 1500 --positions 3 --epochs 6 --init OLD.pt --max-lr 1e-3   # v6 from v5
 
 1. Simulates captures across all poses, body types, blankets and camera mounts the
    simulator offers (training seeds and held-out seeds never overlap), segments each
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from positioning.keypoints import (DECODE_RADIUS, FLIP, HEIGHT_SCALE_MM, KEYPOINTS, WEIGHTS, WIN_X, WIN_Y,
-                                   KeypointNet, Window, load_keypoint_net, position_from_sides, read_views,
+                                   VIEWS, KeypointNet, Window, load_keypoint_net, position_from_sides, read_views,
                                    side_to_anatomy, view_inputs)
 from positioning.segment import CELL_MM
 
@@ -37,25 +39,40 @@ COORD_WEIGHT, AGREE_WEIGHT = 0.02, 0.05
 _MODEL = None
 
 
-def _sample(seed: int):
-    """(views (2,2,256,64) float16, their windows' origins (2,2), cells (K,2) in the first view's window,
-    heights (K,), position) for one simulated capture, or None. The network trains on both views
-    (``train``); evaluate() reads both, as detect_keypoints does."""
+def table_shifts(seed: int, positions: int) -> list[float]:
+    """The table's moves (mm along it) a training patient is captured at: 0 first, then alternately towards and
+    away from the gantry by 50-250 mm, drawn per patient (a console moves the table by any amount)."""
+    rng = np.random.default_rng(seed)
+    return [0.0] + [float((-1) ** i * rng.uniform(50.0, 250.0)) for i in range(positions - 1)]
+
+
+def _sample(seed: int, positions: int = 1):
+    """(views (P*2,2,256,64) float16, their windows' origins (P*2,2), cells (K,2) in the first view's window,
+    heights (K,), position) for one simulated patient captured at ``positions`` table positions (the first as
+    sampled; ``table_shifts``), or None. The patient moves with the table, so the truth on the table is one.
+    The network trains on every window (``train``); evaluate() reads the first two, as detect_keypoints does."""
     global _MODEL
     from positioning.bodymodel import load_body_model
     from positioning.segment import SegmentationError, segment_patient
-    from sim.scene import load_config, sample_scene
+    from sim.scene import load_config, sample_scene, with_table_at
     from sim.simulate import simulate
 
     if _MODEL is None:
         _MODEL = load_body_model()
     p = sample_scene(seed, load_config(None), _MODEL.data.train["betas"])
-    cap, truth = simulate(p, _MODEL)
-    try:
-        seg = segment_patient(cap)
-    except SegmentationError:
-        return None
-    views, wins = view_inputs(seg, cap.scene.table_longitudinal_mm)
+    views, wins = [], []
+    for k, dl in enumerate(table_shifts(seed, positions)):
+        c, t = simulate(with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl), _MODEL)
+        try:
+            s = segment_patient(c)
+        except SegmentationError:
+            return None
+        v, w = view_inputs(s, c.scene.table_longitudinal_mm)
+        views.append(v)
+        wins += w
+        if k == 0:
+            cap, truth, seg = c, t, s
+    views = np.concatenate(views)
     j = truth["joints_scanner_mm"]
     pts = np.array([j[n] for n in KEYPOINTS])
     xy_t = np.column_stack([pts[:, 0], pts[:, 1] - cap.scene.table_longitudinal_mm])
@@ -64,13 +81,14 @@ def _sample(seed: int):
         (pts[:, 2] - seg.support_z_s).astype(np.float32), truth["patient_position"]
 
 
-def generate(seeds: list[int], out: Path, workers: int = 2) -> None:
+def generate(seeds: list[int], out: Path, workers: int = 2, positions: int = 1) -> None:
     t = time.perf_counter()
+    sample = functools.partial(_sample, positions=positions)
     if workers == 1:  # in this process: a fork of one that has run torch can hang on torch's thread pool
-        rows = [r for r in map(_sample, seeds) if r is not None]
+        rows = [r for r in map(sample, seeds) if r is not None]
     else:
         with mp.get_context("fork").Pool(workers) as pool:
-            rows = [r for r in pool.imap(_sample, seeds, chunksize=8) if r is not None]
+            rows = [r for r in pool.imap(sample, seeds, chunksize=8) if r is not None]
     np.savez_compressed(out, views=np.stack([r[0] for r in rows]), origins=np.stack([r[1] for r in rows]),
                         cells=np.stack([r[2] for r in rows]), heights=np.stack([r[3] for r in rows]),
                         position=np.array([r[4] for r in rows]))
@@ -171,9 +189,10 @@ def evaluate(net: KeypointNet, data: dict) -> dict:
     """Errors on held-out captures as detect_keypoints reads them: both views (positioning/keypoints.py VIEWS)."""
     net.eval()
     errs, herrs, pos_ok = [], [], []
+    v = len(VIEWS)  # a patient captured at several table positions: the first position's views
     for n in range(len(data["views"])):
-        wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n]]
-        xy_t, hts, _, p_prone = read_views(net, data["views"][n].astype(np.float32), wins)
+        wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n][:v]]
+        xy_t, hts, _, p_prone = read_views(net, data["views"][n][:v].astype(np.float32), wins)
         pos = position_from_sides(xy_t[:, 1], p_prone)
         order = list(side_to_anatomy(pos))
         xy_t, hts = xy_t[order], hts[order]
@@ -191,11 +210,13 @@ def evaluate(net: KeypointNet, data: dict) -> dict:
 
 def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0, init: Path | None = None,
           max_lr: float = 3e-3) -> dict:
-    """Each step takes 16 captures with both their views (VIEWS' grids: which points share a cell differs), each
-    window with its own fresh noise (``renoise``) and both views of a capture flipped alike. Besides the heatmap,
-    height and prone losses, a keypoint read from the heatmap (``_local_soft_argmax``) is pulled to its truth
-    (COORD_WEIGHT) and towards the same place in the capture's other view (AGREE_WEIGHT): what the keypoints must
-    not follow is the noise and the grid, as the same patient at three table positions shows (docs/planning.md).
+    """Each step takes 32 windows: whole patients, each with both views (VIEWS' grids: which points share a cell
+    differs) of every table position it was captured at (``generate``'s ``positions``), each window with its own
+    fresh noise (``renoise``) and a patient's windows flipped alike. Besides the heatmap, height and prone losses, a
+    keypoint read from the heatmap (``_local_soft_argmax``) is pulled to its truth (COORD_WEIGHT) and towards the
+    same place on the table in the patient's other windows (AGREE_WEIGHT): what the keypoints must not follow is
+    the noise, the grid and the camera's view of a patient the table has moved, as the same patient at three
+    table positions shows (docs/planning.md).
 
     init: weights to start from (fine-tuning an earlier network on a changed simulator, with a lower max_lr)."""
     torch.manual_seed(seed)
@@ -258,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--report", type=Path, default=Path("docs/keypoints-report.json"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--positions", type=int, default=1,
+                    help="capture each training patient at this many table positions (table_shifts)")
     ap.add_argument("--init", type=Path, help="start from these weights instead of a fresh network (fine-tuning)")
     ap.add_argument("--max-lr", type=float, default=3e-3, help="the one-cycle schedule's peak learning rate")
     ap.add_argument("--evaluate", action="store_true",
@@ -265,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.data.mkdir(parents=True, exist_ok=True)
-    tr, te = args.data / f"train-{args.train}-views.npz", args.data / f"test-{args.test}-views.npz"
+    at = "" if args.positions == 1 else f"-x{args.positions}"
+    tr, te = args.data / f"train-{args.train}{at}-views.npz", args.data / f"test-{args.test}-views.npz"
     if not tr.exists() and not args.evaluate:
-        generate([TRAIN_SEED0 + i for i in range(args.train)], tr, args.workers)
+        generate([TRAIN_SEED0 + i for i in range(args.train)], tr, args.workers, args.positions)
     if not te.exists():
         generate([TEST_SEED0 + i for i in range(args.test)], te, args.workers)
     if args.evaluate:

@@ -264,3 +264,28 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, keypoint_net):
     train(data, data, tmp_path / "fresh.pt", epochs=1, max_lr=1e-12)
     assert largest_change(tmp_path / "tuned.pt") < 1e-6
     assert largest_change(tmp_path / "fresh.pt") > 1e-2
+
+
+def test_a_patient_captured_at_several_table_positions_has_one_truth_on_the_table(tmp_path, keypoint_net):
+    """--positions: each table position's windows, read by the committed network, find the keypoints where the one
+    table-frame truth (moved into their windows by view_cells) says. Had a position's windows been placed as if the
+    table had not moved, its keypoints would be off by the move, 50-250 mm (table_shifts)."""
+    from sim.keypoint_training import TRAIN_SEED0, generate, table_shifts
+
+    data = tmp_path / "moved.npz"
+    shifts = table_shifts(TRAIN_SEED0, 3)
+    assert shifts[0] == 0.0 and min(abs(s) for s in shifts[1:]) >= 50.0 and shifts[1] * shifts[2] < 0
+    generate([TRAIN_SEED0], data, workers=1, positions=3)
+    d = np.load(data)
+    v = len(VIEWS)
+    assert d["views"].shape[:2] == (1, 3 * v)
+    cells, _ = side_labels(d["cells"], d["heights"], d["position"])
+    per_window = view_cells(cells, d["origins"])[0]  # (3 * v, K, 2), side-named
+    for k in range(3):
+        wins = [Window(float(x0), float(y0)) for x0, y0 in d["origins"][0, k * v:(k + 1) * v]]
+        heat, _, _ = predict(keypoint_net, torch.as_tensor(d["views"][0, k * v:(k + 1) * v].astype(np.float32)),
+                             [flips for _, flips in VIEWS])
+        for w in range(v):
+            got = np.array(np.unravel_index(heat[w].reshape(len(KEYPOINTS), -1).argmax(1).numpy(),
+                                            heat.shape[-2:])).T * 2.0 + 0.5  # half-resolution peak -> input cell
+            assert np.median(np.linalg.norm(got - per_window[k * v + w], axis=1)) * CELL_MM < 30.0
