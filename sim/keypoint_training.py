@@ -2,7 +2,7 @@
 
     python -m sim.keypoint_training --train 3000 --test 300 --epochs 12
     python -m sim.keypoint_training --epochs 6 --init OLD.pt --max-lr 1e-3   # fine-tune (v5 from v4, docs/perception.md)
-    python -m sim.keypoint_training --train 1500 --positions 3 --epochs 6 --init OLD.pt --max-lr 1e-3   # v6 from v5
+    python -m sim.keypoint_training --train 1500 --positions 3 --epochs 6 --init v5.pt --max-lr 1e-3   # tried, not shipped
 
 1. Simulates captures across all poses, body types, blankets and camera mounts the
    simulator offers (training seeds and held-out seeds never overlap), segments each
@@ -253,7 +253,8 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
             off = (_local_soft_argmax(heat, c) - c).reshape(len(idx), n_views, len(KEYPOINTS), 2)
             both = inside.reshape(len(idx), n_views, len(KEYPOINTS)).prod(1)
             l_c = (off.abs().sum(-1) * inside.reshape(off.shape[:3])).sum() / inside.sum().clamp(min=1)
-            l_a = ((off - off.mean(1, keepdim=True)).abs().sum(-1).sum(1) * both).sum() / both.sum().clamp(min=1)
+            # Per pair of windows, so a patient captured at three positions (six windows) weighs as one with two.
+            l_a = ((off - off.mean(1, keepdim=True)).abs().sum(-1).mean(1) * 2 * both).sum() / both.sum().clamp(min=1)
             loss = bce(heat, tgt) + l_h + COORD_WEIGHT * l_c + AGREE_WEIGHT * l_a + \
                 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(prone, p_all[idx].repeat_interleave(n_views))
             opt.zero_grad()
