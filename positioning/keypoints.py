@@ -15,7 +15,7 @@ patient's left needs the whole body (head direction and supine/prone), so the
 network answers that once, globally, and ``detect_keypoints`` turns sides into
 anatomy (``side_to_anatomy``). (v1 predicted anatomical labels directly and swapped
 limbs whose neighbourhood could not show which way the body pointed.)
-Weights: positioning/data/keypoints_v5.pt, trained by ``python -m sim.keypoint_training``.
+Weights: positioning/data/keypoints_v6.pt, trained by ``python -m sim.keypoint_training``.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ HEIGHT_SCALE_MM = 300.0
 # The flips of a window the network was trained on (sim/keypoint_training.py), as (rows reversed, columns
 # reversed): as it is, mirrored across the table, turned end to end, and mirrored along it.
 FLIPS = ((False, False), (False, True), (True, True), (True, False))
-WEIGHTS = Path(__file__).parent / "data" / "keypoints_v5.pt"
+WEIGHTS = Path(__file__).parent / "data" / "keypoints_v6.pt"
 # The views detect_keypoints averages: the height map on its own grid and on one moved half a cell along and across
 # the table (which points share a cell, and so the sensor's noise the network sees, differs between the two), each
 # through two of FLIPS that undo each other's bias (as it is with turned end to end; mirrored across with mirrored
