@@ -24,22 +24,15 @@ POSITIONS = 3
 
 
 def measure(weights: Path, data: dict) -> dict:
-    from positioning.keypoints import (KEYPOINTS, VIEWS, Window, load_keypoint_net, position_from_sides, read_views,
-                                       side_to_anatomy)
+    from positioning.keypoints import KEYPOINTS, load_keypoint_net
+    from sim.keypoint_training import read_position, truth_on_table
 
     net = load_keypoint_net(weights)
     net.eval()
-    v = len(VIEWS)
     spreads, errs = [], []
     for n in range(len(data["views"])):
-        got = []
-        for k in range(POSITIONS):
-            wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n, k * v:(k + 1) * v]]
-            xy_t, _, _, p_prone = read_views(net, data["views"][n, k * v:(k + 1) * v].astype(np.float32), wins)
-            got.append(xy_t[list(side_to_anatomy(position_from_sides(xy_t[:, 1], p_prone)))])
-        got = np.array(got)  # (POSITIONS, K, 2) anatomical, mm, table frame
-        truth = Window(*map(float, data["origins"][n, 0])).to_table(data["cells"][n])
-        errs.append(np.linalg.norm(got - truth, axis=2).ravel())
+        got = np.array([read_position(net, data, n, k)[0] for k in range(POSITIONS)])  # (P, K, 2) mm, table
+        errs.append(np.linalg.norm(got - truth_on_table(data, n), axis=2).ravel())
         spreads.append(np.ptp(got[:, :, 1], axis=0))
     s, e = np.array(spreads), np.concatenate(errs)
     trunk = s[:, [KEYPOINTS.index(k) for k in TRUNK]]

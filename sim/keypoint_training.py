@@ -185,18 +185,30 @@ def view_cells(cells: np.ndarray, origins: np.ndarray) -> np.ndarray:
     return cells[:, None] + shift[:, :, None]
 
 
+def read_position(net: KeypointNet, data: dict, n: int, k: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """Patient n's k-th table position read as detect_keypoints reads a capture (its VIEWS' windows): anatomical
+    keypoints (K, 2) mm on the table, their heights (K,) mm over the support, and the patient position."""
+    v = len(VIEWS)
+    wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n][k * v:(k + 1) * v]]
+    xy_t, hts, _, p_prone = read_views(net, data["views"][n][k * v:(k + 1) * v].astype(np.float32), wins)
+    pos = position_from_sides(xy_t[:, 1], p_prone)
+    order = list(side_to_anatomy(pos))
+    return xy_t[order], hts[order], pos
+
+
+def truth_on_table(data: dict, n: int) -> np.ndarray:
+    """(K, 2) mm: patient n's anatomical keypoints on the table (one for every table position)."""
+    return Window(*map(float, data["origins"][n][0])).to_table(data["cells"][n])
+
+
 def evaluate(net: KeypointNet, data: dict) -> dict:
-    """Errors on held-out captures as detect_keypoints reads them: both views (positioning/keypoints.py VIEWS)."""
+    """Errors on held-out captures as detect_keypoints reads them: both views (positioning/keypoints.py VIEWS);
+    of a patient captured at several table positions, the first."""
     net.eval()
     errs, herrs, pos_ok = [], [], []
-    v = len(VIEWS)  # a patient captured at several table positions: the first position's views
     for n in range(len(data["views"])):
-        wins = [Window(float(x0), float(y0)) for x0, y0 in data["origins"][n][:v]]
-        xy_t, hts, _, p_prone = read_views(net, data["views"][n][:v].astype(np.float32), wins)
-        pos = position_from_sides(xy_t[:, 1], p_prone)
-        order = list(side_to_anatomy(pos))
-        xy_t, hts = xy_t[order], hts[order]
-        errs.append(np.linalg.norm(xy_t - wins[0].to_table(data["cells"][n]), axis=1))
+        xy_t, hts, pos = read_position(net, data, n)
+        errs.append(np.linalg.norm(xy_t - truth_on_table(data, n), axis=1))
         herrs.append(np.abs(hts - data["heights"][n]))
         pos_ok.append(pos == data["position"][n])
     e, h = np.array(errs), np.array(herrs)

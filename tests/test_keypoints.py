@@ -267,25 +267,27 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, keypoint_net):
 
 
 def test_a_patient_captured_at_several_table_positions_has_one_truth_on_the_table(tmp_path, keypoint_net):
-    """--positions: each table position's windows, read by the committed network, find the keypoints where the one
-    table-frame truth (moved into their windows by view_cells) says. Had a position's windows been placed as if the
-    table had not moved, its keypoints would be off by the move, 50-250 mm (table_shifts)."""
-    from sim.keypoint_training import TRAIN_SEED0, generate, table_shifts
+    """--positions: every window of every table position, read by the committed network, finds the keypoints where
+    the one table-frame truth says, and so does each position read as detect_keypoints reads a capture. Had a
+    position's windows been placed as if the table had not moved, they would be off by the move, 50-250 mm
+    (table_shifts). Each window on its own: the views' combined read takes the surer view where they disagree."""
+    from positioning.keypoints import decode_heatmaps
+    from sim.keypoint_training import TRAIN_SEED0, generate, read_position, table_shifts, truth_on_table
 
     data = tmp_path / "moved.npz"
     shifts = table_shifts(TRAIN_SEED0, 3)
     assert shifts[0] == 0.0 and min(abs(s) for s in shifts[1:]) >= 50.0 and shifts[1] * shifts[2] < 0
     generate([TRAIN_SEED0], data, workers=1, positions=3)
-    d = np.load(data)
-    v = len(VIEWS)
-    assert d["views"].shape[:2] == (1, 3 * v)
+    d = dict(np.load(data))
+    assert d["views"].shape[:2] == (1, 3 * len(VIEWS))
     cells, _ = side_labels(d["cells"], d["heights"], d["position"])
-    per_window = view_cells(cells, d["origins"])[0]  # (3 * v, K, 2), side-named
+    side_truth = Window(*map(float, d["origins"][0, 0])).to_table(cells[0])  # (K, 2) mm, side-named
+    heat, height, _ = predict(keypoint_net, torch.as_tensor(d["views"][0].astype(np.float32)),
+                              [flips for _, flips in VIEWS] * 3)
+    for w, (x0, y0) in enumerate(d["origins"][0]):
+        got = Window(float(x0), float(y0)).to_table(decode_heatmaps(heat[w], height[w])[0])
+        assert np.median(np.linalg.norm(got - side_truth, axis=1)) < 30.0, w
     for k in range(3):
-        wins = [Window(float(x0), float(y0)) for x0, y0 in d["origins"][0, k * v:(k + 1) * v]]
-        heat, _, _ = predict(keypoint_net, torch.as_tensor(d["views"][0, k * v:(k + 1) * v].astype(np.float32)),
-                             [flips for _, flips in VIEWS])
-        for w in range(v):
-            got = np.array(np.unravel_index(heat[w].reshape(len(KEYPOINTS), -1).argmax(1).numpy(),
-                                            heat.shape[-2:])).T * 2.0 + 0.5  # half-resolution peak -> input cell
-            assert np.median(np.linalg.norm(got - per_window[k * v + w], axis=1)) * CELL_MM < 30.0
+        xy_t, _, pos = read_position(keypoint_net, d, 0, k)
+        assert pos == d["position"][0]
+        assert np.median(np.linalg.norm(xy_t - truth_on_table(d, 0), axis=1)) < 30.0
