@@ -7,7 +7,8 @@ captured at the table as sampled and moved towards and away from the gantry by 5
 (``sim.keypoint_training.table_shifts``); each position read as ``detect_keypoints`` reads a capture (both
 views, their flips). Spread: per patient and keypoint, the largest minus the smallest position along the
 table (mm, table frame), median and p95 over all keypoints and over the trunk's (neck, shoulders, pelvis,
-hips: what places a chest or abdomen range). Error: 2D distance to the truth on the table, every position.
+hips: what places a chest or abdomen range). Error: 2D distance to the truth on the table, every position, and
+each keypoint's robust sd across and along the table.
 Run: .venv/bin/python bench/keypoint_positions.py [WEIGHTS ...] [--n 150] [--data bench/out/keypoint-data]
 """
 from __future__ import annotations
@@ -29,17 +30,25 @@ def measure(weights: Path, data: dict) -> dict:
 
     net = load_keypoint_net(weights)
     net.eval()
-    spreads, errs = [], []
+    spreads, offsets = [], []
     for n in range(len(data["views"])):
         got = np.array([read_position(net, data, n, k)[0] for k in range(POSITIONS)])  # (P, K, 2) mm, table
-        errs.append(np.linalg.norm(got - truth_on_table(data, n), axis=2).ravel())
+        offsets.append(got - truth_on_table(data, n))
         spreads.append(np.ptp(got[:, :, 1], axis=0))
-    s, e = np.array(spreads), np.concatenate(errs)
+    s, d = np.array(spreads), np.concatenate(offsets)  # (N, K), (N * P, K, 2) mm
+    e = np.linalg.norm(d, axis=2).ravel()
     trunk = s[:, [KEYPOINTS.index(k) for k in TRUNK]]
     return {"patients": len(s),
             "spread_mm": {"median": float(np.median(s)), "p95": float(np.percentile(s, 95))},
             "trunk_spread_mm": {"median": float(np.median(trunk)), "p95": float(np.percentile(trunk, 95))},
-            "error_2d_mm": {"median": float(np.median(e)), "p95": float(np.percentile(e, 95))}}
+            "error_2d_mm": {"median": float(np.median(e)), "p95": float(np.percentile(e, 95))},
+            "error_robust_sd_mm_across_along": {k: [round(_robust_sd(d[:, i, 0]), 1), round(_robust_sd(d[:, i, 1]), 1)]
+                                                for i, k in enumerate(KEYPOINTS)}}
+
+
+def _robust_sd(x: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: a normal sd that a few keypoints on the wrong limb do not inflate."""
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
 
 def main() -> None:
