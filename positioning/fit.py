@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from positioning.anatomy import posed_levels
 from positioning.bodymodel import BodyModel
 from positioning.frames import grid_means
+from positioning.nearest import NearestIndex
 from positioning.poses import POSITION_ROTATIONS, POSITIONS, canonical_pose
 from positioning.skeleton import JOINT_INDEX as J
 from positioning.skeleton import NUM_JOINTS, PARENTS
@@ -339,7 +339,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     betas.requires_grad_(True)
     dpose = torch.zeros(h, NUM_JOINTS, 3, requires_grad=True)
     pts_t = torch.as_tensor(pts, dtype=torch.float32)
-    tree = cKDTree(pts)
+    tree = NearestIndex(pts)
     kp = None if keypoints_s_mm is None else torch.as_tensor(keypoints_s_mm / 1000.0, dtype=torch.float32)
     kc = None if keypoint_conf is None else torch.as_tensor(keypoint_conf, dtype=torch.float32)
     # The neck's and head's rotation about the body's x and z axes (nod, tilt) in the flattened pose; y is the turn.
@@ -374,7 +374,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         if it % 5 == 0:
             with torch.no_grad():
                 vn = vs.numpy()
-                corr_obs = torch.as_tensor(np.stack([cKDTree(vn[i]).query(pts)[1] for i in range(h)]))
+                corr_obs = torch.as_tensor(np.stack([NearestIndex(vn[i]).query(pts)[1] for i in range(h)]))
                 # Model points the camera could see: the upper part of the body at each place.
                 vis_mask = torch.as_tensor(vn[..., 2] > support + 0.04)
                 corr_vis = torch.as_tensor(np.stack([tree.query(vn[i])[1] for i in range(h)]))
@@ -431,7 +431,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
                        for i, n in enumerate(("nose", "reye", "leye", "rear", "lear"))}}
         landmarks = {n: ((torch.as_tensor(p, dtype=torch.float32) - root) @ r.T + trans[best]).numpy() * 1000.0
                      for n, p in body_pts.items()}
-    resid = float(np.median(cKDTree(verts).query(points_s_mm[rng.choice(len(points_s_mm), min(5000,
+    resid = float(np.median(NearestIndex(verts).query(points_s_mm[rng.choice(len(points_s_mm), min(5000,
                                                                          len(points_s_mm)), replace=False)])[0]))
     t_end = time.perf_counter()
     return FitResult(

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from positioning.nearest import NearestIndex
 from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
@@ -413,8 +414,6 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     trunk points the fitted front stands in (front_measured False). None when the
     fitted trunk has no cross-section there.
     """
-    from scipy.spatial import cKDTree
-
     in_slab = trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM)
     s = vertices[in_slab]
     if len(s) < 10:
@@ -431,11 +430,11 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
                            & (np.abs(observed_points[:, 0] - x_c) < MIDDLE_FRACTION * lat)]
     top, measured = mesh_top, False
     if near.sum() and len(cand) > MIN_SLAB_POINTS:
-        dist, nn = cKDTree(vertices[near]).query(cand)
+        dist, nn = NearestIndex(vertices[near]).query(cand)
         own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
         band = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + BAND_XY_MM)
                         & (vertices[:, 2] > mesh_top - TOP_BAND_MM)]
-        d_xy, k = cKDTree(band[:, :2]).query(own[:, :2])
+        d_xy, k = NearestIndex(band[:, :2]).query(own[:, :2])
         over = d_xy < BAND_XY_MM
         if over.sum() > MIN_SLAB_POINTS:
             top, measured = mesh_top + float(np.median(own[over, 2] - band[k[over], 2])), True

@@ -7,6 +7,7 @@ applied separately).
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from positioning.skeleton import JOINT_INDEX as J
@@ -29,12 +30,18 @@ ARM_POSES = ("down", "up", "belly")
 PRONE_ANKLE_RAD = 1.1
 
 
-def _turn(a, b):
-    """The smallest rotation (scipy Rotation) taking direction a onto direction b."""
-    from scipy.spatial.transform import Rotation
+def _turn(a, b) -> np.ndarray:
+    """(3, 3) the smallest rotation taking direction a onto direction b (a, b not opposite)."""
+    a, b = np.asarray(a, float) / np.linalg.norm(a), np.asarray(b, float) / np.linalg.norm(b)
+    axis = np.cross(a, b)
+    s = np.linalg.norm(axis)
+    if s < 1e-12:
+        return np.eye(3)
+    return cv2.Rodrigues(axis / s * np.arctan2(s, float(a @ b)))[0]
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    return Rotation.align_vectors([b / np.linalg.norm(b)], [a / np.linalg.norm(a)])[0]
+
+def _rotvec(r: np.ndarray) -> np.ndarray:
+    return cv2.Rodrigues(r)[0][:, 0]
 
 
 def canonical_pose(arms: str, head_turn_rad: float = 0.0, prone: bool = False) -> np.ndarray:
@@ -59,9 +66,9 @@ def canonical_pose(arms: str, head_turn_rad: float = 0.0, prone: bool = False) -
         for side, sg in (("left", 1.0), ("right", -1.0)):
             # Body frame: y to the head, z to the front, x to the body's left; the T-pose arm points along sg * x.
             upper = _turn([sg, 0.0, 0.0], [0.0, -1.0, 0.3])
-            fore = _turn(upper.apply([sg, 0.0, 0.0]), [-sg, 0.25, 0.3]) * upper
-            p[J[f"{side}_shoulder"]] = upper.as_rotvec()
-            p[J[f"{side}_elbow"]] = (upper.inv() * fore).as_rotvec()
+            fore = _turn(upper @ [sg, 0.0, 0.0], [-sg, 0.25, 0.3]) @ upper
+            p[J[f"{side}_shoulder"]] = _rotvec(upper)
+            p[J[f"{side}_elbow"]] = _rotvec(upper.T @ fore)
     else:
         raise ValueError(f"unknown arm pose {arms!r}")
     for s, sg in (("left", 1), ("right", -1)):

@@ -19,6 +19,7 @@ import numpy as np
 
 from positioning.capture import Capture
 from positioning.frames import scanner_to_table, valid_depth_to_scanner
+from positioning.nearest import NearestIndex
 
 CELL_MM = 10.0
 FOOTPRINT_HALF_WIDTH_MM = 330.0  # tabletop (~260) plus what hangs over: a blanket, an elbow
@@ -370,13 +371,10 @@ def outliers(points_s: np.ndarray, candidates: np.ndarray, away_mm: float = SPEC
     points_s (N, 3) mm; candidates (N,) bool. The fit ignores outliers (robust cost)
     and the front is a median, so only what the bore check counts is cleared of them.
     """
-    from scipy.spatial import cKDTree
-
     out = np.zeros(len(points_s), bool)
     if candidates.any() and len(points_s) > 1:
-        tree = cKDTree(points_s, balanced_tree=False, compact_nodes=False)  # one query: build cheaply
-        d, _ = tree.query(points_s[candidates], k=neighbours + 1, distance_upper_bound=away_mm)  # 1st: itself
-        out[np.flatnonzero(candidates)[np.isinf(d[:, -1])]] = True
+        d, _ = NearestIndex(points_s).query(points_s[candidates], k=neighbours + 1)  # the first: itself
+        out[np.flatnonzero(candidates)[d[:, -1] > away_mm]] = True
     return out
 
 

@@ -638,3 +638,23 @@ def test_a_prone_patient_is_fitted_face_turned_and_feet_stretched(body_model, ke
     assert abs(per.vertices[:, 1].max() - truth["protocols"]["whole_body"]["caudal_y_mm"]) < 20.0  # feet first: +y
     nod_tilt = per.fit.body_pose[[J["neck"], J["head"]]][:, [0, 2]]
     assert np.abs(nod_tilt).max() < HEAD_TILT_LIMIT_RAD + 0.05
+
+
+def test_nearest_index_finds_what_a_kd_tree_of_scipy_finds():
+    """OpenCV's exact FLANN tree against scipy's cKDTree (the reference it replaced in the plan's path): the same
+    neighbours and distances, k > 1 in order, and neighbours the set lacks at inf with index N."""
+    from scipy.spatial import cKDTree
+
+    from positioning.nearest import NearestIndex
+
+    rng = np.random.default_rng(3)
+    data = rng.normal(0, 300, (2000, 3))
+    q = rng.normal(0, 350, (500, 3))
+    d, i = NearestIndex(data).query(q)
+    d_ref, i_ref = cKDTree(data).query(q)
+    assert (i == i_ref).all() and np.allclose(d, d_ref, atol=1e-3)
+    d4, i4 = NearestIndex(data[:, :2]).query(q[:, :2], k=4)
+    d4_ref, i4_ref = cKDTree(data[:, :2]).query(q[:, :2], k=4)
+    assert (i4 == i4_ref).all() and np.allclose(d4, d4_ref, atol=1e-3)
+    d_few, i_few = NearestIndex(data[:2]).query(q[:3], k=3)
+    assert np.isinf(d_few[:, 2]).all() and (i_few[:, 2] == 2).all() and np.isfinite(d_few[:, :2]).all()

@@ -692,3 +692,13 @@ def test_bore_check_over_the_hull_equals_every_point():
         ok = np.flatnonzero(every[1:] >= spec.clearance_margin_mm)
         assert every[0] >= spec.clearance_margin_mm or h == heights[1:][ok[np.argmin(np.abs(heights[1:][ok] - 200))]]
     assert 0 < refused < 50  # both outcomes were exercised
+
+
+def test_a_fresh_plan_loads_no_scipy(sim_cases):
+    """scipy.spatial took about 150 ms of a fresh `ctpos plan`'s imports; OpenCV's FLANN and Rodrigues stand in
+    for its k-d tree and rotations (docs/planning.md, "Time"). Checked on the imports, not on a clock."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ctpos", "plan", str(sim_cases[0]),
+                        "--protocol", "chest", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not {m for m in imported if m.split(".")[0] == "scipy"}
