@@ -158,7 +158,7 @@ def load_body_model(path: str | Path | None = None, batch_size: int = 1, num_bet
     data = read_body_model(resolve_model_path(path))
     v = data.v_template.shape[0]
     # No pose correctives: one zero row, which smplx's LBS adds to every vertex by broadcasting. A (V, 3, 207)
-    # block of zeros is 34 MB for this mesh, which smplx copies twice at load (20-35 ms of a fresh plan here).
+    # block of zeros is 34 MB for this mesh, which smplx copies twice at load (about 20 ms of a fresh plan here).
     posedirs = data.posedirs if data.posedirs is not None else np.zeros((1, 3, NUM_POSE_FEATURES), np.float32)
     struct = Struct(v_template=data.v_template, shapedirs=data.shapedirs, posedirs=posedirs,
                     J_regressor=data.J_regressor, weights=data.weights,

@@ -16,8 +16,8 @@ _EXACT = {"checks": -1, "eps": 0.0}  # unlimited checks, no approximation: the t
 class NearestIndex:
     """Points to search, (N, D) in any float unit; held as float32 (FLANN's type).
 
-    Building costs about as much as one query of as many points (0.5 ms for 1,500 in 3D
-    on this machine), so build per point set rather than keeping one in a loop's state.
+    Building it and one query of as many points took 0.54 ms for 1,500 in 3D on this
+    machine (scipy's cKDTree 0.86 ms).
     """
 
     def __init__(self, data: np.ndarray) -> None:

@@ -41,6 +41,7 @@ def _turn(a, b) -> np.ndarray:
 
 
 def _rotvec(r: np.ndarray) -> np.ndarray:
+    """(3,) the axis-angle vector of a (3, 3) rotation."""
     return cv2.Rodrigues(r)[0][:, 0]
 
 
