@@ -4,7 +4,10 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 PIP   := $(VENV)/bin/pip
 STAMP := $(VENV)/.ctpos-installed
-APT_PACKAGES := libusb-1.0-0 orthanc xvfb
+APT_PACKAGES := libusb-1.0-0 orthanc xvfb python3-venv
+# The venv is made from Debian's own CPython, which Debian builds with profile-guided and link-time optimisation;
+# a default pyenv build has neither, and ran a fresh `ctpos plan` 5 % slower here (docs/planning.md, "Time").
+PYTHON ?= /usr/bin/python3
 SEED ?= 7
 PROTOCOL ?= chest
 
@@ -17,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	  echo "[setup] apt: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@if [ -x $(PY) ] && [ "$$($(PY) -c 'import sys; print(sys.base_prefix)')" != "$$($(PYTHON) -c 'import sys; print(sys.base_prefix)')" ]; then \
+	  echo "[setup] $(VENV) was made from another Python: made again from $(PYTHON)"; rm -rf $(VENV); fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] pip: torch (CPU) first, then ctpos (log: $(VENV)/pip.log)"
 	@# torch before anything that depends on it: a bare 'torch' would pull CUDA builds.
 	@# MediaPipe (the optional colour keypoints): 0.10.21 is the last wheel with its pose model; it declares

@@ -216,29 +216,45 @@ def consistency(model, net, k: int, protocol: str, scene_config: Path | None = N
     spec = ScannerSpec(bore_diameter_mm=800.0)
     spreads: dict[str, list[float]] = {"independent": [], "followed": []}
     over = []  # the patients whose independent plans spread over 5 mm: which, and at which end
+    followed_refused = []  # patients planned independently at all three positions whose followed chain was refused
     for i in range(k):
         p = sample_scene(seed0 + 100_000 + i, cfg, model.data.train["betas"])
-        plans: dict[str, list] = {"independent": [], "followed": []}
+        plans: dict[str, list | None] = {"independent": [], "followed": []}
         last = None
-        try:
-            for dl in (-150.0, 0.0, 150.0):
-                cap, _ = simulate(with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl), model)
+        for dl in (-150.0, 0.0, 150.0):
+            cap, _ = simulate(with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl), model)
+            try:
                 plan, per = plan_from_capture(cap, protocol, model, net, spec)
-                plans["independent"].append(plan)
-                # A console following the patient re-fits from the last frame's body, carried by the table's move.
-                if last is not None:
+            except (PlanRefused, SegmentationError):
+                break
+            plans["independent"].append(plan)
+            if plans["followed"] is None:
+                continue
+            # A console following the patient re-fits from the last frame's body, carried by the table's move.
+            # Its refusal ends its chain only: the patient's independent plans still count.
+            if last is not None:
+                try:
                     plan, per = plan_from_capture(cap, protocol, model, net, spec, warm=last)
-                plans["followed"].append(plan)
-                last = per
-        except (PlanRefused, SegmentationError):
+                except (PlanRefused, SegmentationError) as exc:
+                    plans["followed"] = None
+                    followed_refused.append({"seed": p.seed, "reason": str(exc)})
+                    continue
+            plans["followed"].append(plan)
+            last = per
+        if len(plans["independent"]) < 3:
+            if plans["followed"] is None:
+                followed_refused.pop()  # the patient is out of both counts
             continue
         for mode, made in plans.items():
+            if made is None:
+                continue
             e = np.array([[q.scan_range_table_mm["cranial"], q.scan_range_table_mm["caudal"]] for q in made])
             spreads[mode].append(float((e.max(0) - e.min(0)).max()))
             if mode == "independent" and spreads[mode][-1] > 5.0:
                 over.append({"seed": p.seed, "pose": p.pose, "position": p.patient_position,
                              "cranial_caudal_spread_mm": [round(float(v), 1) for v in e.max(0) - e.min(0)]})
-    out = {"patients": len(spreads["independent"]), "independent_over_5mm": over}
+    out = {"patients": len(spreads["independent"]), "independent_over_5mm": over,
+           "followed_patients": len(spreads["followed"]), "followed_refused": followed_refused}
     for mode, v in spreads.items():
         s = np.array(v)
         out[mode] = {"spread_mm_median": float(np.median(s)), "spread_mm_p95": float(np.percentile(s, 95)),

@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     asset, report = build(args.train, args.test, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **asset)
+    # Stored, not deflated: every fresh `ctpos plan` reads it, and inflating took 22 of its ms (5.8 MB against 2.8).
+    np.savez(args.out, **asset)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     log.info("%s", json.dumps(report, indent=2))

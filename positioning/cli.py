@@ -56,7 +56,7 @@ def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None):
     from positioning.capture import read_capture
 
     t0 = time.perf_counter()
-    cap = read_capture(folder)
+    cap = read_capture(folder, colour=False)  # the plan is made from depth
     read_ms = (time.perf_counter() - t0) * 1000
     return plan_from_capture(cap, protocol, model, net, spec, read_ms)
 

@@ -131,10 +131,11 @@ class _Skin:
         v_t = torch.as_tensor(d.v_template)
         sd = torch.as_tensor(d.shapedirs[:, :, :k])
         jr = torch.as_tensor(d.J_regressor)
-        self.j_t = jr @ v_t  # (24, 3)
-        self.j_sd = torch.einsum("jv,vcl->jcl", jr, sd)  # (24, 3, K)
-        self.v_t = v_t[sub]
-        self.sd = sd[sub]
+        # Flattened so that shaping is one matrix product: (72,) + betas (B, K) @ (K, 72), and (3S,) likewise.
+        self.j_t = (jr @ v_t).reshape(-1)
+        self.j_sd = torch.einsum("jv,vcl->jcl", jr, sd).reshape(-1, k).T.contiguous()
+        self.v_t = v_t[sub].reshape(-1)
+        self.sd = sd[sub].reshape(-1, k).T.contiguous()
         self.w_sub = torch.as_tensor(d.weights[sub])
         self.upper = torch.as_tensor(np.isin(d.weights[sub].argmax(1), [J[n] for n in UPPER_TRUNK]))
         self.parents = torch.as_tensor(np.array(PARENTS))
@@ -151,11 +152,15 @@ class _Skin:
         self.parent_in_level = [torch.as_tensor([levels[d - 1].index(PARENTS[i]) for i in levels[d]])
                                 for d in range(1, len(levels))]
 
+    def rest_joints(self, betas: torch.Tensor) -> torch.Tensor:
+        """betas (B, K) -> the shaped body's joints at rest (B, 24, 3), metres, model frame."""
+        return torch.addmm(self.j_t, betas, self.j_sd).view(-1, NUM_JOINTS, 3)
+
     def transforms(self, betas: torch.Tensor, pose: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Rest joints (24, 3) and smplx's posed joint transforms (24, 4, 4) of one body (metres)."""
         from smplx.lbs import batch_rigid_transform, batch_rodrigues
 
-        j = self.j_t + torch.einsum("bl,jcl->bjc", betas, self.j_sd)
+        j = self.rest_joints(betas)
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(1, NUM_JOINTS, 3, 3)
         _, a = batch_rigid_transform(rot, j, self.parents)
         return j[0].numpy().astype(np.float64), a[0].numpy().astype(np.float64)
@@ -184,14 +189,14 @@ class _Skin:
         from smplx.lbs import batch_rodrigues
 
         b = betas.shape[0]
-        j = self.j_t + torch.einsum("bl,jcl->bjc", betas, self.j_sd)
-        v = self.v_t + torch.einsum("bl,vcl->bvc", betas, self.sd)
+        j = self.rest_joints(betas)
+        v = torch.addmm(self.v_t, betas, self.sd).view(b, -1, 3)
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(b, NUM_JOINTS, 3, 3)
         if orient is not None:
             rot = torch.cat([orient[:, None], rot[:, 1:]], 1)
         posed_j, a = self.rigid_transforms(rot, j)
-        t = torch.einsum("vj,bjmn->bvmn", self.w_sub, a)  # (B, S, 3, 4)
-        v = torch.einsum("bvmn,bvn->bvm", t[..., :3], v) + t[..., 3]
+        t = (self.w_sub @ a.reshape(b, NUM_JOINTS, 12)).view(b, -1, 3, 4)  # each vertex's blended transform
+        v = (t[..., :3] @ v[..., None])[..., 0] + t[..., 3]
         return v - posed_j[:, :1], posed_j - posed_j[:, :1]
 
 
@@ -363,7 +368,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
                     trans[i, :2] = torch.as_tensor(root, dtype=torch.float32)
             trans[:, 2] = support - vs[..., 2].min(1).values
     t_setup = time.perf_counter()
-    corr_obs = corr_vis = vis_mask = None
+    obs_rows = pts_vis = vis_w = None
+    hyp_rows = torch.arange(h)[:, None] * len(sub)  # hypothesis i's vertices start at row i * S of the (B * S, 3) stack
     history: list[float] = []
     for it in range(iterations):
         opt.zero_grad()
@@ -375,18 +381,22 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
             with torch.no_grad():
                 vn = vs.numpy()
                 corr_obs = torch.as_tensor(np.stack([NearestIndex(vn[i]).query(pts)[1] for i in range(h)]))
-                # Model points the camera could see: the upper part of the body at each place.
-                vis_mask = torch.as_tensor(vn[..., 2] > support + 0.04)
-                corr_vis = torch.as_tensor(np.stack([tree.query(vn[i])[1] for i in range(h)]))
-        d_obs = (vs[torch.arange(h)[:, None], corr_obs] - pts_t[None]).norm(dim=-1)
-        d_vis = (vs - pts_t[corr_vis]).norm(dim=-1)
-        gm = lambda d: d * d / (d * d + ROBUST_M ** 2)  # noqa: E731  Geman-McClure
-        gm_kp = lambda d: d * d / (d * d + KEYPOINT_ROBUST_M ** 2)  # noqa: E731
-        e_obs = gm(d_obs).mean(1)
-        e_vis = (gm(d_vis) * vis_mask).sum(1) / vis_mask.sum(1).clamp(min=1)
-        below = torch.relu(support - vs[..., 2])
-        e_contact = (below ** 2).mean(1) * 100.0 + (vs[..., 2].min(1).values - support).pow(2) * 10.0 \
-            + (vs[:, skin.upper, 2].min(1).values - support).pow(2) * UPPER_CONTACT_WEIGHT
+                obs_rows = (corr_obs + hyp_rows).reshape(-1)
+                # Model points the camera could see: the upper part of the body at each place, each weighing
+                # 1 / (their count) so that the term is their mean.
+                vis = torch.as_tensor(vn[..., 2] > support + 0.04, dtype=torch.float32)
+                vis_w = vis / vis.sum(1, keepdim=True).clamp(min=1)
+                pts_vis = pts_t[torch.as_tensor(np.stack([tree.query(vn[i])[1] for i in range(h)]))]
+        # Squared distances: Geman-McClure needs no square root.
+        d2_obs = (vs.reshape(-1, 3).index_select(0, obs_rows).view(h, -1, 3) - pts_t).square().sum(-1)
+        d2_vis = (vs - pts_vis).square().sum(-1)
+        gm = lambda d2, c: d2 / (d2 + c * c)  # noqa: E731  Geman-McClure of the distance, scale c
+        e_obs = gm(d2_obs, ROBUST_M).mean(1)
+        e_vis = (gm(d2_vis, ROBUST_M) * vis_w).sum(1)
+        z = vs[..., 2]
+        below = torch.relu(support - z)
+        e_contact = (below ** 2).mean(1) * 100.0 + (z.min(1).values - support).pow(2) * 10.0 \
+            + (z[:, skin.upper].min(1).values - support).pow(2) * UPPER_CONTACT_WEIGHT
         e_beta = (betas ** 2).mean(1) * 1e-3
         e_pose = ((dpose * free) ** 2).sum((1, 2)) * 2e-3
         knee = pose[:, [J["left_knee"], J["right_knee"]], 0]
@@ -397,7 +407,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
         if kp is not None:
             # Robust: a keypoint on the wrong limb (a left/right swap) saturates instead of dragging the body.
-            cost = cost + KEYPOINT_WEIGHT * (kc * gm_kp((js - kp).norm(dim=-1))).sum(1) / kc.sum().clamp(min=1e-6)
+            cost = cost + KEYPOINT_WEIGHT * (kc * gm((js - kp).square().sum(-1), KEYPOINT_ROBUST_M)).sum(1) \
+                / kc.sum().clamp(min=1e-6)
         total = cost.sum()
         total.backward()
         opt.step()

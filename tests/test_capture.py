@@ -87,3 +87,14 @@ def test_colour_is_optional(sim_cases, tmp_path):
     folder = _copy(sim_cases[0], tmp_path)
     (folder / "color.png").unlink()
     assert read_capture(folder).color is None
+
+
+def test_a_reader_of_depth_alone_never_opens_the_colour(sim_cases, tmp_path):
+    """The plan is made from depth (colour is optional in CONVENTIONS.md): it does not decode color.png, so a bad
+    one neither slows it nor stops it; a reader that asks for colour still gets the one-line refusal."""
+    folder = _copy(sim_cases[0], tmp_path)
+    (folder / "color.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cap = read_capture(folder, colour=False)
+    assert cap.color is None and cap.depth.shape == (cap.camera.height, cap.camera.width)
+    with pytest.raises(CaptureError, match="color.png: not a readable PNG"):
+        read_capture(folder)

@@ -599,11 +599,30 @@ def test_the_fits_kinematic_chain_is_smplxs(body_model):
     skin = _Skin(body_model, np.arange(100))
     gen = torch.Generator().manual_seed(1)
     rot = batch_rodrigues(torch.randn(2 * 24, 3, generator=gen) * 0.6).reshape(2, 24, 3, 3)
-    j = skin.j_t + torch.einsum("bl,jcl->bjc", torch.randn(2, skin.k, generator=gen), skin.j_sd)
+    j = skin.rest_joints(torch.randn(2, skin.k, generator=gen))
     posed, a = skin.rigid_transforms(rot, j)
     posed_ref, a_ref = batch_rigid_transform(rot, j, skin.parents)
     torch.testing.assert_close(posed, posed_ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(a, a_ref[..., :3, :], rtol=0, atol=1e-6)
+
+
+def test_the_fits_skinning_is_smplxs(body_model):
+    """The fit shapes and skins a vertex subset its own way (fewer ops); its vertices and joints must be the smplx
+    layer's, root at the origin, for any shape and pose."""
+    from positioning.fit import _Skin
+
+    sub = np.sort(np.random.default_rng(3).choice(body_model.data.v_template.shape[0], 500, replace=False))
+    skin = _Skin(body_model, sub)
+    gen = torch.Generator().manual_seed(2)
+    betas = torch.randn(2, skin.k, generator=gen)
+    pose = torch.randn(2, 24, 3, generator=gen) * 0.5
+    v, j = skin(betas, pose)
+    for b in range(2):
+        out = body_model.layer(betas=betas[b:b + 1], global_orient=pose[b:b + 1, 0],
+                               body_pose=pose[b:b + 1, 1:].reshape(1, -1), transl=torch.zeros(1, 3))
+        root = out.joints[0, 0]
+        torch.testing.assert_close(v[b], out.vertices[0, sub] - root, rtol=0, atol=1e-5)
+        torch.testing.assert_close(j[b], out.joints[0, :24] - root, rtol=0, atol=1e-5)
 
 
 def test_valid_depth_pixels_land_where_the_general_transform_puts_them(sim_cases):
