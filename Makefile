@@ -5,8 +5,8 @@ PY    := $(VENV)/bin/python
 PIP   := $(VENV)/bin/pip
 STAMP := $(VENV)/.ctpos-installed
 APT_PACKAGES := libusb-1.0-0 orthanc xvfb python3-venv
-# The venv is made from Debian's own CPython, which Debian builds with profile-guided and link-time optimisation;
-# a default pyenv build has neither, and ran a fresh `ctpos plan` 5 % slower here (docs/planning.md, "Time").
+# The venv is made from Debian's own CPython (libpython linked in): a pyenv build with a shared libpython ran a
+# fresh `ctpos plan` 5 % slower here, and a pure-Python loop 40 % (docs/planning.md, "Time").
 PYTHON ?= /usr/bin/python3
 SEED ?= 7
 PROTOCOL ?= chest
