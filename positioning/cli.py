@@ -5,7 +5,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import pickle
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +55,89 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None):
-    """Read, perceive and plan one capture folder: (Plan, Perception). Raises typed errors with one line."""
+class SegmentationAhead:
+    """A capture's segmentation made in a forked child process while this one goes on.
+
+    A fresh ``ctpos plan`` spends about 0.65 s importing torch on one core while the other idles; segmentation
+    needs only numpy and OpenCV, imported before the fork, so it runs beside the import (docs/planning.md,
+    "Time"). ``result()`` waits for the child: (Segmentation, the ms it took), or the child's SegmentationError
+    raised here. A child that ends without either (killed, or a bug of ours) costs only time: the capture is
+    segmented here instead, and that is logged. A context manager: leaving it ends a child whose result was
+    never asked for.
+    """
+
+    def __init__(self, capture) -> None:
+        self._capture = capture
+        self._pid: int | None = None
+        self._read_fd: int | None = None
+
+    def __enter__(self) -> SegmentationAhead:
+        from positioning.segment import SegmentationError, segment_patient
+
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: segment, send, and end before anything of the parent's can run here
+            try:
+                os.close(r)
+                t = time.perf_counter()
+                try:
+                    out = ("ok", segment_patient(self._capture), (time.perf_counter() - t) * 1000)
+                except SegmentationError as exc:
+                    out = ("refused", exc, 0.0)
+                with os.fdopen(w, "wb") as f:
+                    pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+            finally:
+                os._exit(0)
+        os.close(w)
+        self._pid, self._read_fd = pid, r
+        return self
+
+    def result(self) -> tuple:
+        from positioning.segment import segment_patient
+
+        try:
+            with os.fdopen(self._read_fd, "rb") as f:
+                self._read_fd = None
+                kind, value, ms = pickle.load(f)  # from our own child, through our own pipe
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            log.warning("the segmentation's child process gave no result (%s): segmented here", exc)
+            t = time.perf_counter()
+            return segment_patient(self._capture), (time.perf_counter() - t) * 1000
+        finally:
+            self._reap()
+        if kind == "refused":
+            raise value
+        return value, ms
+
+    def _reap(self) -> None:
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+        if self._pid is not None:
+            if os.waitpid(self._pid, os.WNOHANG) == (0, 0):
+                os.kill(self._pid, signal.SIGKILL)
+                os.waitpid(self._pid, 0)
+            self._pid = None
+
+    def __exit__(self, *exc) -> None:
+        self._reap()
+
+
+def plan_capture(folder: Path, protocol: str, model=None, net=None, spec=None, segment_ahead: bool = False):
+    """Read, perceive and plan one capture folder: (Plan, Perception). Raises typed errors with one line.
+
+    segment_ahead: segment in a child process while this one imports torch and loads the models
+    (``SegmentationAhead``): for a fresh process that plans one capture, ``ctpos plan``.
+    """
     from positioning.capture import read_capture
 
     t0 = time.perf_counter()
     cap = read_capture(folder, colour=False)  # the plan is made from depth
     read_ms = (time.perf_counter() - t0) * 1000
-    return plan_from_capture(cap, protocol, model, net, spec, read_ms)
+    if not segment_ahead:
+        return plan_from_capture(cap, protocol, model, net, spec, read_ms)
+    with SegmentationAhead(cap) as ahead:
+        return plan_from_capture(cap, protocol, model, net, spec, read_ms, segmentation=ahead.result)
 
 
 def forearms(per) -> np.ndarray:
@@ -76,10 +155,13 @@ def forearms(per) -> np.ndarray:
     return np.asarray(segs, dtype=np.float64)
 
 
-def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0, warm=None):
+def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0, warm=None,
+                      segmentation: Callable[[], tuple] | None = None):
     """Perceive and plan one Capture already in memory: (Plan, Perception), timings per stage in the plan.
 
     warm: the Perception of an earlier frame of the same patient (a running console re-planning), to start the fit from.
+    segmentation: called once the models are loaded, it gives the capture's (Segmentation, ms) made elsewhere
+    (``SegmentationAhead.result``); None segments in turn.
     """
     from positioning.bodymodel import built_statures_mm, load_body_model, rest_stature_mm
     from positioning.perceive import perceive
@@ -89,7 +171,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     proto = load_protocol(protocol)
     model = model or load_body_model()
     t1 = time.perf_counter()
-    per = perceive(cap, model, net, warm=warm)
+    per = perceive(cap, model, net, warm=warm, segmentation=segmentation() if segmentation else None)
     t2 = time.perf_counter()
     seg = per.segmentation
     warnings = list(seg.warnings) + mount_warnings(cap.scene.camera_to_scanner) + fitted_body_warnings(
@@ -109,7 +191,7 @@ def _plan(args: argparse.Namespace) -> int:
     from positioning.plan import ScannerSpec
 
     spec = ScannerSpec(bore_diameter_mm=args.bore_mm)
-    plan, _ = plan_capture(Path(args.case), args.protocol, spec=spec)
+    plan, _ = plan_capture(Path(args.case), args.protocol, spec=spec, segment_ahead=hasattr(os, "fork"))
     print(json.dumps(plan.to_json(), indent=None if args.json else 1))
     return 0
 

@@ -102,19 +102,26 @@ def hypotheses_from_keypoints(kp: Keypoints) -> tuple[tuple[str, ...], tuple[str
 
 
 def perceive(capture: Capture, model: BodyModel, net: KeypointNet | None = None, warm: Perception | None = None,
-             use_keypoints: bool = True, colour: bool = False) -> Perception:
+             use_keypoints: bool = True, colour: bool = False,
+             segmentation: tuple[Segmentation, float] | None = None) -> Perception:
     """Segment, detect keypoints (unless use_keypoints is False), fit. Raises SegmentationError on a bad scene.
 
     warm: an earlier frame's Perception of the same patient (a live console re-planning): the fit starts from
     that body, moved with the table where the table moved since (the patient lies on it).
 
+    segmentation: this capture's segmentation already made, and the ms it took (``ctpos plan`` makes it in a
+    child process while it loads torch); None segments here.
+
     colour: also run MediaPipe on the colour image and fuse (positioning/colour_keypoints.py);
     where it finds nobody, the depth keypoints go on alone (logged).
     """
     timing = {}
-    t = time.perf_counter()
-    seg = segment_patient(capture)
-    timing["segment"] = (time.perf_counter() - t) * 1000
+    if segmentation is None:
+        t = time.perf_counter()
+        seg = segment_patient(capture)
+        timing["segment"] = (time.perf_counter() - t) * 1000
+    else:
+        seg, timing["segment"] = segmentation
     kp = kp24 = conf24 = None
     if use_keypoints:
         t = time.perf_counter()

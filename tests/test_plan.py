@@ -485,6 +485,79 @@ def test_ctpos_plan_output_survives_the_fast_exit(sim_cases, tmp_path):
     assert REQUIRED <= set(json.loads(out.read_text()))
 
 
+def test_ctpos_plan_is_the_in_process_plan(sim_cases, body_model, keypoint_net):
+    """`ctpos plan` segments in a child process while it loads torch: its plan must be the one made in turn."""
+    from positioning.cli import plan_capture
+
+    r = ctpos("plan", str(sim_cases[0]), "--protocol", "chest", "--json")
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(r.stdout)
+    here = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)[0].to_json()
+    assert {k: v for k, v in cli.items() if k != "timing_ms"} == {k: v for k, v in here.items() if k != "timing_ms"}
+    assert set(cli["timing_ms"]) == set(here["timing_ms"])
+
+
+def test_segmentation_ahead_is_the_segmentation(sim_cases):
+    from positioning.capture import read_capture
+    from positioning.cli import SegmentationAhead
+    from positioning.segment import segment_patient
+
+    cap = read_capture(sim_cases[2])
+    here = segment_patient(cap)
+    with SegmentationAhead(cap) as ahead:
+        seg, ms = ahead.result()
+    assert ms > 0
+    for f in dataclasses.fields(here):
+        a, b = getattr(here, f.name), getattr(seg, f.name)
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b, equal_nan=True), f.name
+        elif f.name != "objects":
+            assert a == b, f.name
+    assert len(seg.objects) == len(here.objects)
+
+
+def test_a_refusal_in_the_segmentation_child_is_raised_here(sim_cases, tmp_path):
+    from positioning.capture import read_capture
+    from positioning.cli import SegmentationAhead
+    from positioning.segment import SegmentationError
+
+    case = _broken(sim_cases, tmp_path, "all-zero depth")
+    with SegmentationAhead(read_capture(case)) as ahead, \
+            pytest.raises(SegmentationError, match="of the depth image holds data"):
+        ahead.result()
+
+
+def test_a_segmentation_child_that_dies_is_replaced_here(sim_cases, monkeypatch, caplog):
+    """A child killed, or ended by a bug of ours, without a result: the capture is segmented in this process."""
+    import positioning.segment as segment
+    from positioning.capture import read_capture
+    from positioning.cli import SegmentationAhead
+
+    parent, real = os.getpid(), segment.segment_patient
+
+    def dies_in_the_child(cap):
+        if os.getpid() != parent:
+            os._exit(3)
+        return real(cap)
+
+    monkeypatch.setattr(segment, "segment_patient", dies_in_the_child)
+    cap = read_capture(sim_cases[0])
+    with SegmentationAhead(cap) as ahead:
+        seg, _ = ahead.result()
+    assert np.array_equal(seg.points_s, real(cap).points_s)
+    assert "gave no result" in caplog.text
+
+
+def test_leaving_without_the_result_ends_the_child(sim_cases):
+    from positioning.capture import read_capture
+    from positioning.cli import SegmentationAhead
+
+    with SegmentationAhead(read_capture(sim_cases[0])) as ahead:
+        pid = ahead._pid
+    with pytest.raises(ChildProcessError):  # reaped: no longer this process's child
+        os.waitpid(pid, os.WNOHANG)
+
+
 def _broken(sim_cases, tmp_path, how):
     case = tmp_path / "case"
     shutil.copytree(sim_cases[0], case)
