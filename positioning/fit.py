@@ -241,6 +241,11 @@ def _rot_z(a: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1), torch.stack([z, z, o], -1)], -2)
 
 
+def _geman_mcclure(d2: torch.Tensor, scale: float) -> torch.Tensor:
+    """Geman-McClure's robust cost of distances given squared (d2), saturating at 1 beyond about scale."""
+    return d2 / (d2 + scale * scale)
+
+
 def _small_rot(v: torch.Tensor) -> torch.Tensor:
     from smplx.lbs import batch_rodrigues
 
@@ -390,9 +395,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         # Squared distances: Geman-McClure needs no square root.
         d2_obs = (vs.reshape(-1, 3).index_select(0, obs_rows).view(h, -1, 3) - pts_t).square().sum(-1)
         d2_vis = (vs - pts_vis).square().sum(-1)
-        gm = lambda d2, c: d2 / (d2 + c * c)  # noqa: E731  Geman-McClure of the distance, scale c
-        e_obs = gm(d2_obs, ROBUST_M).mean(1)
-        e_vis = (gm(d2_vis, ROBUST_M) * vis_w).sum(1)
+        e_obs = _geman_mcclure(d2_obs, ROBUST_M).mean(1)
+        e_vis = (_geman_mcclure(d2_vis, ROBUST_M) * vis_w).sum(1)
         z = vs[..., 2]
         below = torch.relu(support - z)
         e_contact = (below ** 2).mean(1) * 100.0 + (z.min(1).values - support).pow(2) * 10.0 \
@@ -407,8 +411,8 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         cost = e_obs + 0.5 * e_vis + e_contact + e_beta + e_pose + e_limit
         if kp is not None:
             # Robust: a keypoint on the wrong limb (a left/right swap) saturates instead of dragging the body.
-            cost = cost + KEYPOINT_WEIGHT * (kc * gm((js - kp).square().sum(-1), KEYPOINT_ROBUST_M)).sum(1) \
-                / kc.sum().clamp(min=1e-6)
+            e_kp = _geman_mcclure((js - kp).square().sum(-1), KEYPOINT_ROBUST_M)
+            cost = cost + KEYPOINT_WEIGHT * (kc * e_kp).sum(1) / kc.sum().clamp(min=1e-6)
         total = cost.sum()
         total.backward()
         opt.step()
