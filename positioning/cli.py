@@ -1,4 +1,4 @@
-"""``ctpos fit``: the fitted body of one capture, as JSON (and optionally the mesh as PLY)."""
+"""``ctpos fit``, ``ctpos plan`` and ``ctpos eval``: the fitted body, the scan plan, and plans against truth."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,13 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used: a subcommand's start-up loads only what it runs
+    from positioning.capture import Capture
+    from positioning.segment import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ class SegmentationAhead:
     never asked for.
     """
 
-    def __init__(self, capture) -> None:
+    def __init__(self, capture: Capture) -> None:
         self._capture = capture
         self._pid: int | None = None
         self._read_fd: int | None = None
@@ -92,7 +97,7 @@ class SegmentationAhead:
         self._pid, self._read_fd = pid, r
         return self
 
-    def result(self) -> tuple:
+    def result(self) -> tuple[Segmentation, float]:
         from positioning.segment import segment_patient
 
         try:
@@ -156,7 +161,7 @@ def forearms(per) -> np.ndarray:
 
 
 def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_ms: float = 0.0, warm=None,
-                      segmentation: Callable[[], tuple] | None = None):
+                      segmentation: Callable[[], tuple[Segmentation, float]] | None = None):
     """Perceive and plan one Capture already in memory: (Plan, Perception), timings per stage in the plan.
 
     warm: the Perception of an earlier frame of the same patient (a running console re-planning), to start the fit from.
