@@ -66,9 +66,9 @@ class SegmentationAhead:
     A fresh ``ctpos plan`` spends about 0.65 s importing torch on one core while the other idles; segmentation
     needs only numpy and OpenCV, imported before the fork, so it runs beside the import (docs/planning.md,
     "Time"). ``result()`` waits for the child: (Segmentation, the ms it took), or the child's SegmentationError
-    raised here. A child that ends without either (killed, or a bug of ours) costs only time: the capture is
-    segmented here instead, and that is logged. A context manager: leaving it ends a child whose result was
-    never asked for.
+    raised here. A child that cannot start (no processes or pipes left) or ends without either (killed, or a
+    bug of ours) costs only time: the capture is segmented here instead, and that is logged. A context manager:
+    leaving it ends a child whose result was never asked for.
     """
 
     def __init__(self, capture: Capture) -> None:
@@ -79,8 +79,18 @@ class SegmentationAhead:
     def __enter__(self) -> SegmentationAhead:
         from positioning.segment import SegmentationError, segment_patient
 
-        r, w = os.pipe()
-        pid = os.fork()
+        try:
+            r, w = os.pipe()
+        except OSError as exc:
+            log.warning("no pipe for the segmentation's child process (%s): it will be made here", exc)
+            return self
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.warning("no child process for the segmentation (%s): it will be made here", exc)
+            os.close(r)
+            os.close(w)
+            return self
         if pid == 0:  # the child: segment, send, and end before anything of the parent's can run here
             try:
                 os.close(r)
@@ -100,19 +110,21 @@ class SegmentationAhead:
     def result(self) -> tuple[Segmentation, float]:
         from positioning.segment import segment_patient
 
-        try:
-            with os.fdopen(self._read_fd, "rb") as f:
-                self._read_fd = None
-                kind, value, ms = pickle.load(f)  # from our own child, through our own pipe
-        except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            log.warning("the segmentation's child process gave no result (%s): segmented here", exc)
-            t = time.perf_counter()
-            return segment_patient(self._capture), (time.perf_counter() - t) * 1000
-        finally:
-            self._reap()
-        if kind == "refused":
-            raise value
-        return value, ms
+        if self._read_fd is not None:
+            try:
+                with os.fdopen(self._read_fd, "rb") as f:
+                    self._read_fd = None
+                    kind, value, ms = pickle.load(f)  # from our own child, through our own pipe
+            except (EOFError, OSError, pickle.UnpicklingError) as exc:
+                log.warning("the segmentation's child process gave no result (%s): segmented here", exc)
+            else:
+                if kind == "refused":
+                    raise value
+                return value, ms
+            finally:
+                self._reap()
+        t = time.perf_counter()
+        return segment_patient(self._capture), (time.perf_counter() - t) * 1000
 
     def _reap(self) -> None:
         if self._read_fd is not None:

@@ -548,6 +548,23 @@ def test_a_segmentation_child_that_dies_is_replaced_here(sim_cases, monkeypatch,
     assert "gave no result" in caplog.text
 
 
+def test_no_child_process_segments_here(sim_cases, monkeypatch, caplog):
+    """No process left to fork (a site's process limit): the plan is still made, its segmentation here."""
+    from positioning.capture import read_capture
+    from positioning.cli import SegmentationAhead
+    from positioning.segment import segment_patient
+
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    cap = read_capture(sim_cases[0])
+    with SegmentationAhead(cap) as ahead:
+        seg, _ = ahead.result()
+    assert np.array_equal(seg.points_s, segment_patient(cap).points_s)
+    assert "no child process for the segmentation" in caplog.text
+
+
 def test_leaving_without_the_result_ends_the_child(sim_cases):
     from positioning.capture import read_capture
     from positioning.cli import SegmentationAhead
