@@ -527,11 +527,9 @@ def test_a_refusal_in_the_segmentation_child_is_raised_here(sim_cases, tmp_path)
         ahead.result()
 
 
-def test_a_segmentation_child_that_dies_is_replaced_here(sim_cases, monkeypatch, caplog):
-    """A child killed, or ended by a bug of ours, without a result: the capture is segmented in this process."""
+def _child_dies(monkeypatch):
+    """A child killed, or ended by a bug of ours, without a result."""
     import positioning.segment as segment
-    from positioning.capture import read_capture
-    from positioning.cli import SegmentationAhead
 
     parent, real = os.getpid(), segment.segment_patient
 
@@ -541,28 +539,31 @@ def test_a_segmentation_child_that_dies_is_replaced_here(sim_cases, monkeypatch,
         return real(cap)
 
     monkeypatch.setattr(segment, "segment_patient", dies_in_the_child)
-    cap = read_capture(sim_cases[0])
-    with SegmentationAhead(cap) as ahead:
-        seg, _ = ahead.result()
-    assert np.array_equal(seg.points_s, real(cap).points_s)
-    assert "gave no result" in caplog.text
 
 
-def test_no_child_process_segments_here(sim_cases, monkeypatch, caplog):
-    """No process left to fork (a site's process limit): the plan is still made, its segmentation here."""
-    from positioning.capture import read_capture
-    from positioning.cli import SegmentationAhead
-    from positioning.segment import segment_patient
-
+def _no_fork(monkeypatch):
+    """No process left to fork (a site's process limit)."""
     def no_fork():
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(os, "fork", no_fork)
+
+
+@pytest.mark.parametrize("fail, logged", [(_child_dies, "gave no result"),
+                                          (_no_fork, "no child process for the segmentation")])
+def test_a_segmentation_child_that_fails_is_replaced_here(sim_cases, monkeypatch, caplog, fail, logged):
+    """Without the child's result the plan is still made: the capture is segmented in this process, and it says so."""
+    from positioning.capture import read_capture
+    from positioning.cli import SegmentationAhead
+    from positioning.segment import segment_patient
+
     cap = read_capture(sim_cases[0])
+    expected = segment_patient(cap).points_s
+    fail(monkeypatch)
     with SegmentationAhead(cap) as ahead:
         seg, _ = ahead.result()
-    assert np.array_equal(seg.points_s, segment_patient(cap).points_s)
-    assert "no child process for the segmentation" in caplog.text
+    assert np.array_equal(seg.points_s, expected)
+    assert logged in caplog.text
 
 
 def test_leaving_without_the_result_ends_the_child(sim_cases):
