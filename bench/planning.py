@@ -220,7 +220,7 @@ def consistency(model, net, k: int, protocol: str, scene_config: Path | None = N
     for i in range(k):
         p = sample_scene(seed0 + 100_000 + i, cfg, model.data.train["betas"])
         plans: dict[str, list | None] = {"independent": [], "followed": []}
-        last = None
+        last, followed_refusal = None, None
         for dl in (-150.0, 0.0, 150.0):
             cap, _ = simulate(with_table_at(p, p.table_height_mm, p.table_longitudinal_mm + dl), model)
             try:
@@ -236,15 +236,14 @@ def consistency(model, net, k: int, protocol: str, scene_config: Path | None = N
                 try:
                     plan, per = plan_from_capture(cap, protocol, model, net, spec, warm=last)
                 except (PlanRefused, SegmentationError) as exc:
-                    plans["followed"] = None
-                    followed_refused.append({"seed": p.seed, "reason": str(exc)})
+                    plans["followed"], followed_refusal = None, str(exc)
                     continue
             plans["followed"].append(plan)
             last = per
-        if len(plans["independent"]) < 3:
-            if plans["followed"] is None:
-                followed_refused.pop()  # the patient is out of both counts
+        if len(plans["independent"]) < 3:  # the patient is out of both counts
             continue
+        if followed_refusal is not None:
+            followed_refused.append({"seed": p.seed, "reason": followed_refusal})
         for mode, made in plans.items():
             if made is None:
                 continue
@@ -257,8 +256,9 @@ def consistency(model, net, k: int, protocol: str, scene_config: Path | None = N
            "followed_patients": len(spreads["followed"]), "followed_refused": followed_refused}
     for mode, v in spreads.items():
         s = np.array(v)
-        out[mode] = {"spread_mm_median": float(np.median(s)), "spread_mm_p95": float(np.percentile(s, 95)),
-                     "within_5mm": float(np.mean(s <= 5.0))}
+        out[mode] = None if not len(s) else {  # None: no patient planned in this mode at all three positions
+            "spread_mm_median": float(np.median(s)), "spread_mm_p95": float(np.percentile(s, 95)),
+            "within_5mm": float(np.mean(s <= 5.0))}
     return out
 
 
