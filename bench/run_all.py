@@ -25,7 +25,7 @@ def scene_plan(scene: str, n: int, region: str = "chest") -> tuple[str, list[str
 # close to see the whole patient, a narrower camera, a patient askew (docs/planning.md, docs/perception.md); the
 # level check's false alarms and misses on those scenes.
 EXTRA = [
-    ("planning.py", ["--protocol", "abdomen", "--k", "0", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
+    ("planning.py", ["--protocol", "abdomen", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
                      "--out", "bench/out/planning-anny-chest.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--protocol", "abdomen", "--scene-config", ANNY,
