@@ -194,7 +194,7 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     warnings = list(seg.warnings) + mount_warnings(cap.scene.camera_to_scanner) + fitted_body_warnings(
         rest_stature_mm(model.data, per.fit.betas), built_statures_mm(model.data), per.vertices, seg.on_table_s,
         seg.off_image_s)
-    plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1),
+    plan = make_plan(proto, per.vertices, per.joints, per.fit.landmarks, model.data.weights.argmax(1), model.faces,
                      per.patient_position, per.position_confidence, per.residual_mm, seg.points_s, seg.support_z_s,
                      cap.scene.table_height_mm, cap.scene.table_longitudinal_mm, spec or ScannerSpec(), warnings,
                      forearms(per), np.concatenate([seg.on_table_s, seg.hidden_s]), seg.off_image_s)

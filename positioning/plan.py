@@ -24,12 +24,15 @@ from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 SLAB_HALF_MM = 15.0
 # The measured front of the ISO slab: the fitted front's highest point moved by the median height of the
-# measured trunk points over the fitted front's top band (its vertices within TOP_BAND_MM of its highest point,
-# each point against the band vertex nearest it seen from above, within BAND_XY_MM). A median over many points:
-# a noisy sensor's outliers or a few stray points do not move it, where the highest of a few points would.
+# measured trunk points over the fitted front's top band (its surface within TOP_BAND_MM of its highest point,
+# each point against the band's surface point nearest it seen from above, within BAND_XY_MM). A median over many
+# points: a noisy sensor's outliers or a few stray points do not move it, where the highest of a few would.
 # At least MIN_SLAB_POINTS points over the trunk's middle (MIDDLE_FRACTION of its width either side of its
 # centre: the flanks hold no top and may hold an arm); else the fitted front stands in.
 TOP_BAND_MM, BAND_XY_MM, MIN_SLAB_POINTS, MIDDLE_FRACTION = 20.0, 10.0, 20, 0.35
+# Planes (mm apart along the table) on which the slab reads the fitted surface between its vertices: the top band
+# then has a surface point within BAND_XY_MM of every measured point over it (surface_samples).
+SURFACE_STEP_MM = 5.0
 # A patient running off the camera's image: at least this many of its points at the image's edge. Within
 # OFF_IMAGE_NEAR_MM (along the table) of the planned range the plan is refused: the camera 0.85-1.0 m over the
 # table, 6 of 8 chest plans cut 0-130 mm from their range missed the apex (by up to 118 mm) or turned the patient,
@@ -234,8 +237,8 @@ def _statures(built: tuple[float, float] | None) -> str:
 
 
 def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, landmarks: dict[str, np.ndarray],
-              dominant_joint: np.ndarray, patient_position: str, position_confidence: float, residual_mm: float,
-              observed_points: np.ndarray, support_z_mm: float, table_height_mm: float,
+              dominant_joint: np.ndarray, faces: np.ndarray, patient_position: str, position_confidence: float,
+              residual_mm: float, observed_points: np.ndarray, support_z_mm: float, table_height_mm: float,
               table_longitudinal_mm: float, spec: ScannerSpec = ScannerSpec(),
               extra_warnings: list[dict[str, str]] | None = None, forearms: np.ndarray | None = None,
               on_table: np.ndarray | None = None, off_image: np.ndarray | None = None) -> Plan:
@@ -244,7 +247,8 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
     vertices (V, 3), joints (24, 3), landmarks {name: (3,)}, observed_points (N, 3)
     (the segmented body's measured surface), support_z_mm (the mattress top's z):
     mm, frame S at capture; dominant_joint (V,): each vertex's main skinning joint
-    (arms are left out of the ISO-centre slab). Table state as in the capture.
+    (arms are left out of the ISO-centre slab); faces (F, 3): the mesh's triangles.
+    Table state as in the capture.
     forearms: (K, 2, 3) elbow-wrist segments, mm, frame S (the keypoints' and the
     fit's), whose points are not the body's front; the fitted joints' when None.
     on_table: (M, 3) mm, frame S: everything measured at body height on and beside
@@ -297,7 +301,7 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         forearms = np.array([[joints[JOINT_INDEX[f"{s}_elbow"]], joints[JOINT_INDEX[f"{s}_wrist"]]]
                              for s in ("left", "right")])
     slab = observed_points[np.abs(observed_points[:, 1] - yc) < SLAB_HALF_MM]  # the only points slab_section reads
-    sec = slab_section(vertices, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
+    sec = slab_section(vertices, faces, trunk, slab[~near_forearms(slab, forearms)], support_z_mm, yc,
                        prone=patient_position.endswith("P"), head_part=np.isin(dominant_joint, HEAD_JOINTS))
     if sec is None:
         raise PlanRefused("REGION_EMPTY", "the fitted body has no cross-section at the region's centre")
@@ -389,12 +393,41 @@ class SlabSection(NamedTuple):
     on_head: bool
 
 
-def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray, support_z_mm: float,
-                 y_c: float, prone: bool = False, head_part: np.ndarray | None = None) -> SlabSection | None:
-    """The trunk's cross-section in the slab |y - y_c| < SLAB_HALF_MM.
+def surface_samples(vertices: np.ndarray, faces: np.ndarray, y_lo: float, y_hi: float,
+                    step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points on a mesh's surface with y_lo <= y <= y_hi, and the vertex each comes from.
 
-    vertices (V, 3) and observed_points (N, 3): mm, frame S; trunk (V,) bool (arms out);
-    head_part (V,) bool: the vertices skinned mostly to the neck and head.
+    vertices (V, 3) mm, frame S; faces (F, 3). Returns (N, 3) points, mm, frame S: the faces' vertices in the window and
+    where the triangles' edges cross the planes y = y_lo ... y_hi, about ``step`` apart (a crossing carries its
+    edge's lower-numbered vertex), and (N,) those vertex indices. A mesh is linear between its vertices, so the
+    highest, lowest and outermost of these points are the surface's own in the window; the vertices alone miss
+    them where they lie far apart (an obese trunk's rows 30-38 mm apart, wider than the ISO slab:
+    docs/planning.md, "The fitted surface between its vertices").
+    """
+    y = vertices[:, 1]
+    fy = y[faces]
+    f = faces[(fy.min(1) <= y_hi) & (fy.max(1) >= y_lo)]
+    e = np.unique(np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [0, 2]]]), axis=1), axis=0)
+    a, b = vertices[e[:, 0]], vertices[e[:, 1]]
+    planes = np.linspace(y_lo, y_hi, max(int(math.ceil((y_hi - y_lo) / step)), 1) + 1)
+    dy = b[:, 1:2] - a[:, 1:2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (planes[None, :] - a[:, 1:2]) / dy  # (E, P); an edge across the table (dy 0) crosses no plane
+    ei, pi = np.nonzero((t >= 0.0) & (t <= 1.0))
+    crossings = a[ei] + t[ei, pi, None] * (b[ei] - a[ei])
+    used = np.unique(f)  # only the vertices of the faces given: the trunk's, not an arm's lying beside it
+    inside = used[(y[used] >= y_lo) & (y[used] <= y_hi)]
+    return np.concatenate([vertices[inside], crossings]), np.concatenate([inside, e[ei, 0]])
+
+
+def slab_section(vertices: np.ndarray, faces: np.ndarray, trunk: np.ndarray, observed_points: np.ndarray,
+                 support_z_mm: float, y_c: float, prone: bool = False,
+                 head_part: np.ndarray | None = None) -> SlabSection | None:
+    """The trunk's cross-section in the slab |y - y_c| <= SLAB_HALF_MM.
+
+    vertices (V, 3) and observed_points (N, 3): mm, frame S; faces (F, 3) the mesh's triangles; trunk (V,) bool
+    (arms out); head_part (V,) bool: the vertices skinned mostly to the neck and head. The fitted surface is read
+    between its vertices too (surface_samples, planes SURFACE_STEP_MM apart).
     The front (top) is measured: the fitted front's top plus the median height of the
     observed points above the fitted front's top band, over the points in the slab and
     the trunk's middle whose nearest fitted vertex is trunk and within TRUNK_SURFACE_MM
@@ -414,8 +447,10 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     trunk points the fitted front stands in (front_measured False). None when the
     fitted trunk has no cross-section there.
     """
-    in_slab = trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM)
-    s = vertices[in_slab]
+    surf, src = surface_samples(vertices, faces[trunk[faces].all(1)], y_c - SLAB_HALF_MM - BAND_XY_MM,
+                                y_c + SLAB_HALF_MM + BAND_XY_MM, SURFACE_STEP_MM)
+    in_slab = np.abs(surf[:, 1] - y_c) <= SLAB_HALF_MM + 1e-6  # the slab's own faces are among the planes
+    s = surf[in_slab]
     if len(s) < 10:
         return None
     mesh_top = float(s[:, 2].max())
@@ -432,13 +467,12 @@ def slab_section(vertices: np.ndarray, trunk: np.ndarray, observed_points: np.nd
     if near.sum() and len(cand) > MIN_SLAB_POINTS:
         dist, nn = NearestIndex(vertices[near]).query(cand)
         own = cand[trunk[near][nn] & (dist < TRUNK_SURFACE_MM)]
-        band = vertices[trunk & (np.abs(vertices[:, 1] - y_c) < SLAB_HALF_MM + BAND_XY_MM)
-                        & (vertices[:, 2] > mesh_top - TOP_BAND_MM)]
+        band = surf[surf[:, 2] > mesh_top - TOP_BAND_MM]
         d_xy, k = NearestIndex(band[:, :2]).query(own[:, :2])
         over = d_xy < BAND_XY_MM
         if over.sum() > MIN_SLAB_POINTS:
             top, measured = mesh_top + float(np.median(own[over, 2] - band[k[over], 2])), True
-    on_head = head_part is not None and head_part[in_slab].mean() > 0.5
+    on_head = head_part is not None and head_part[src[in_slab]].mean() > 0.5
     if on_head:
         bottom = top - (mesh_top - back)
     return SlabSection(top, bottom, x_c, lat, mesh_top, measured, on_head)

