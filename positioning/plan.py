@@ -393,26 +393,24 @@ class SlabSection(NamedTuple):
     on_head: bool
 
 
-def surface_samples(vertices: np.ndarray, faces: np.ndarray, y_lo: float, y_hi: float,
-                    step: float) -> tuple[np.ndarray, np.ndarray]:
-    """Points on a mesh's surface with y_lo <= y <= y_hi, and the vertex each comes from.
+def surface_samples(vertices: np.ndarray, faces: np.ndarray, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points on a mesh's surface between the first and the last of ``planes``, and the vertex each comes from.
 
-    vertices (V, 3) mm, frame S; faces (F, 3). Returns (N, 3) points, mm, frame S: the faces' vertices in the window and
-    where the triangles' edges cross the planes y = y_lo ... y_hi, about ``step`` apart (a crossing carries its
-    edge's lower-numbered vertex), and (N,) those vertex indices. A mesh is linear between its vertices, so the
-    highest, lowest and outermost of these points are the surface's own in the window; the vertices alone miss
-    them where they lie far apart (an obese trunk's rows 30-38 mm apart, wider than the ISO slab:
-    docs/planning.md, "The fitted surface between its vertices").
+    vertices (V, 3) mm, frame S; faces (F, 3); planes (P,) ascending y, mm. Returns (N, 3) points, mm, frame S: the
+    faces' vertices between the outer planes and where the triangles' edges cross each plane y = planes[k] (a
+    crossing carries its edge's lower-numbered vertex), and (N,) those vertex indices. A mesh is linear between its
+    vertices, so within any two of the planes the highest, lowest and outermost of these points are the surface's
+    own; the vertices alone miss them where they lie far apart (an obese trunk's rows 30-38 mm apart, wider than
+    the ISO slab: docs/planning.md, "The fitted surface between its vertices").
     """
+    y_lo, y_hi = float(planes[0]), float(planes[-1])
     y = vertices[:, 1]
     fy = y[faces]
     f = faces[(fy.min(1) <= y_hi) & (fy.max(1) >= y_lo)]
     e = np.unique(np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [0, 2]]]), axis=1), axis=0)
     a, b = vertices[e[:, 0]], vertices[e[:, 1]]
-    planes = np.linspace(y_lo, y_hi, max(int(math.ceil((y_hi - y_lo) / step)), 1) + 1)
-    dy = b[:, 1:2] - a[:, 1:2]
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = (planes[None, :] - a[:, 1:2]) / dy  # (E, P); an edge across the table (dy 0) crosses no plane
+        t = (planes[None, :] - a[:, 1:2]) / (b[:, 1:2] - a[:, 1:2])  # (E, P); an edge across the table crosses none
     ei, pi = np.nonzero((t >= 0.0) & (t <= 1.0))
     crossings = a[ei] + t[ei, pi, None] * (b[ei] - a[ei])
     used = np.unique(f)  # only the vertices of the faces given: the trunk's, not an arm's lying beside it
@@ -447,9 +445,11 @@ def slab_section(vertices: np.ndarray, faces: np.ndarray, trunk: np.ndarray, obs
     trunk points the fitted front stands in (front_measured False). None when the
     fitted trunk has no cross-section there.
     """
-    surf, src = surface_samples(vertices, faces[trunk[faces].all(1)], y_c - SLAB_HALF_MM - BAND_XY_MM,
-                                y_c + SLAB_HALF_MM + BAND_XY_MM, SURFACE_STEP_MM)
-    in_slab = np.abs(surf[:, 1] - y_c) <= SLAB_HALF_MM + 1e-6  # the slab's own faces are among the planes
+    # Planes SURFACE_STEP_MM apart over the slab and the band's reach beyond it, and the slab's own two faces.
+    reach = SLAB_HALF_MM + BAND_XY_MM
+    planes = np.union1d(np.arange(-reach, reach + 1e-9, SURFACE_STEP_MM), [-SLAB_HALF_MM, SLAB_HALF_MM]) + y_c
+    surf, src = surface_samples(vertices, faces[trunk[faces].all(1)], planes)
+    in_slab = np.abs(surf[:, 1] - y_c) <= SLAB_HALF_MM + 1e-6  # a crossing of a slab face, give or take rounding
     s = surf[in_slab]
     if len(s) < 10:
         return None

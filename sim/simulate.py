@@ -137,7 +137,7 @@ def slab_centre(verts: np.ndarray, faces: np.ndarray, keep: np.ndarray, y: float
     """Centre and size of the body's cross-section in the slab |y_S - y| <= SLAB_HALF_MM (arms excluded): AP,
     lateral, mm. verts (V, 3) mm, frame S; faces (F, 3). The surface between the vertices counts: a trunk's vertex
     rows can lie farther apart than the slab is wide (positioning.plan.surface_samples)."""
-    s = surface_samples(verts, faces[keep[faces].all(1)], y - SLAB_HALF_MM, y + SLAB_HALF_MM, SLAB_HALF_MM)[0]
+    s = surface_samples(verts, faces[keep[faces].all(1)], np.array([y - SLAB_HALF_MM, y + SLAB_HALF_MM]))[0]
     if len(s) < 10:
         return None
     return {"x": float((s[:, 0].max() + s[:, 0].min()) / 2), "z": float((s[:, 2].max() + s[:, 2].min()) / 2),

@@ -245,11 +245,10 @@ def test_bore_check_counts_what_the_camera_could_not_see_below_a_flank(body_mode
 
 def _fitted_back(v, faces, dom, yc):
     """The fitted trunk's lowest surface point in the ISO slab at yc (mm, frame S), as the planner reads it."""
-    from positioning.plan import SLAB_HALF_MM, SURFACE_STEP_MM, surface_samples
+    from positioning.plan import SLAB_HALF_MM, surface_samples
 
     trunk = ~np.isin(dom, list(ARM_JOINTS))
-    lo, hi = yc - SLAB_HALF_MM, yc + SLAB_HALF_MM
-    return surface_samples(v, faces[trunk[faces].all(1)], lo, hi, SURFACE_STEP_MM)[0][:, 2].min()
+    return surface_samples(v, faces[trunk[faces].all(1)], yc + np.array([-SLAB_HALF_MM, SLAB_HALF_MM]))[0][:, 2].min()
 
 def test_iso_bottom_never_below_the_mattress(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
