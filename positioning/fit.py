@@ -12,10 +12,7 @@ hypothesis of another patient position is the position's confidence.
 Cost (per hypothesis, metres):
 * data, ICP-style: each observed point to its nearest model vertex, and each
   upward-facing model vertex to its nearest observed point (robust, correspondences
-  refreshed every few steps with a KD-tree, outside autograd), point-to-plane: the
-  distance along the model vertex's normal, plus POINT_SHARE of the squared distance
-  itself (the fit's 1,500 vertices lie up to 37 mm apart, p90 of their spacing, most on
-  the trunk: a point between two is on the surface though far from both);
+  refreshed every few steps with a KD-tree, outside autograd);
 * keypoints (when given): confidence-weighted distance of model joints to 3D keypoints;
 * contact: no vertex below the support surface, the body's lowest point on it, and
   the upper trunk's lowest point on it too (a lying trunk rests at both ends);
@@ -55,10 +52,6 @@ N_VERTS = 1500
 FIT_CELL_MM = 30.0
 CONVERGED_FRACTION = 0.02  # of the summed cost over 10 iterations: less and the fit has settled
 ROBUST_M = 0.05  # data residuals beyond 5 cm count as outliers (Geman-McClure scale)
-# Point-to-plane data term (docs/planning.md, "Point-to-plane"): the share of the squared point-to-vertex distance
-# kept beside the distance along the vertex's normal holds the surface from sliding along itself where it is flat.
-# The normals are the model's, not the measured surface's: those follow the sensor's noise (docs/planning.md).
-POINT_SHARE = 0.2
 KEYPOINT_WEIGHT = 1.0
 KEYPOINT_ROBUST_M = 0.08
 # A lying body rests at both ends of its trunk (supine: shoulder blades and buttocks;
@@ -144,7 +137,6 @@ class _Skin:
         self.v_t = v_t[sub].reshape(-1)
         self.sd = sd[sub].reshape(-1, k).T.contiguous()
         self.w_sub = torch.as_tensor(d.weights[sub])
-        self.n_rest = torch.as_tensor(vertex_normals(d.v_template, model.faces)[sub], dtype=torch.float32)
         self.upper = torch.as_tensor(np.isin(d.weights[sub].argmax(1), [J[n] for n in UPPER_TRUNK]))
         self.parents = torch.as_tensor(np.array(PARENTS))
         self.k = k
@@ -188,9 +180,8 @@ class _Skin:
         return posed, torch.cat([r, (posed - (r @ j[..., None])[..., 0])[..., None]], -1)
 
     def __call__(self, betas: torch.Tensor, pose: torch.Tensor,
-                 orient: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3), root at the origin; each vertex's
-        blended rotation (B, S, 3, 3), which turns its rest normal (n_rest) to the posed one).
+                 orient: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """betas (B, K), pose (B, 24, 3) -> (vertices (B, S, 3), joints (B, 24, 3)), root at the origin.
 
         orient: (B, 3, 3) the root's rotation in place of pose[:, 0]'s (the body's orientation in S,
         applied inside the chain rather than to its results: fewer ops).
@@ -206,7 +197,7 @@ class _Skin:
         posed_j, a = self.rigid_transforms(rot, j)
         t = (self.w_sub @ a.reshape(b, NUM_JOINTS, 12)).view(b, -1, 3, 4)  # each vertex's blended transform
         v = (t[..., :3] @ v[..., None])[..., 0] + t[..., 3]
-        return v - posed_j[:, :1], posed_j - posed_j[:, :1], t[..., :3]
+        return v - posed_j[:, :1], posed_j - posed_j[:, :1]
 
 
 class Adam:
@@ -253,24 +244,6 @@ def _rot_z(a: torch.Tensor) -> torch.Tensor:
 def _geman_mcclure(d2: torch.Tensor, scale: float) -> torch.Tensor:
     """Geman-McClure's robust cost of distances given squared (d2), saturating at 1 beyond about scale."""
     return d2 / (d2 + scale * scale)
-
-
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(V, 3) unit normals of a mesh's vertices (V, 3), each the area-weighted sum of its faces' (F, 3) normals.
-
-    Written here rather than taken from Open3D: importing open3d takes 0.8-1.2 s, longer than a fresh plan may.
-    """
-    tri = vertices[faces]
-    face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length: twice the face's area
-    n = np.zeros_like(vertices)
-    for k in range(3):
-        np.add.at(n, faces[:, k], face_n)
-    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-
-
-def _plane_distance2(r: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Squared point-to-plane distance of residuals r (..., 3) against normals n (..., 3), plus POINT_SHARE of r²."""
-    return (r * n).sum(-1).square() + POINT_SHARE * r.square().sum(-1)
 
 
 def _small_rot(v: torch.Tensor) -> torch.Tensor:
@@ -361,7 +334,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     yaws, roots = np.full(h, yaw0), [None] * h
     if warm is None and keypoints_s_mm is not None:
         with torch.no_grad():
-            _, j0, _ = skin(torch.zeros(h, skin.k), pose0, base)
+            _, j0 = skin(torch.zeros(h, skin.k), pose0, base)
         for i in range(h):
             placed = _keypoint_placement(j0[i].numpy(), keypoints_s_mm / 1000.0, keypoint_conf)
             if placed is not None:
@@ -390,7 +363,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
         else:
             # Each hypothesis starts with its body's extent over the points' extent (yawed frame),
             # or with its midline on the keypoints' when they give one.
-            v, _, _ = skin(betas, pose0)
+            v, _ = skin(betas, pose0)
             vs = torch.einsum("bij,bvj->bvi", _rot_z(yaw) @ base, v)
             c_pts = torch.as_tensor((pts.min(0) + pts.max(0)) / 2, dtype=torch.float32)
             c_mod = (vs.min(1).values + vs.max(1).values) / 2
@@ -406,7 +379,7 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
     for it in range(iterations):
         opt.zero_grad()
         pose = pose0 + dpose * free
-        v, j, rot = skin(betas, pose, _rot_z(yaw) @ _small_rot(tilt) @ base)
+        v, j = skin(betas, pose, _rot_z(yaw) @ _small_rot(tilt) @ base)
         vs = v + trans[:, None]
         js = j + trans[:, None]
         if it % 5 == 0:
@@ -419,12 +392,9 @@ def fit_body(model: BodyModel, points_s_mm: np.ndarray, support_z_s_mm: float,
                 vis = torch.as_tensor(vn[..., 2] > support + 0.04, dtype=torch.float32)
                 vis_w = vis / vis.sum(1, keepdim=True).clamp(min=1)
                 pts_vis = pts_t[torch.as_tensor(np.stack([tree.query(vn[i])[1] for i in range(h)]))]
-                # The vertices' normals, held with the correspondences.
-                normals = torch.nn.functional.normalize((rot.detach() @ skin.n_rest[..., None])[..., 0], dim=-1)
-                normals_obs = normals.reshape(-1, 3).index_select(0, obs_rows).view(h, -1, 3)
         # Squared distances: Geman-McClure needs no square root.
-        d2_obs = _plane_distance2(vs.reshape(-1, 3).index_select(0, obs_rows).view(h, -1, 3) - pts_t, normals_obs)
-        d2_vis = _plane_distance2(vs - pts_vis, normals)
+        d2_obs = (vs.reshape(-1, 3).index_select(0, obs_rows).view(h, -1, 3) - pts_t).square().sum(-1)
+        d2_vis = (vs - pts_vis).square().sum(-1)
         e_obs = _geman_mcclure(d2_obs, ROBUST_M).mean(1)
         e_vis = (_geman_mcclure(d2_vis, ROBUST_M) * vis_w).sum(1)
         z = vs[..., 2]
