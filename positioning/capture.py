@@ -80,7 +80,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CaptureError(f"{path}: missing")
     try:
-        data = json.loads(path.read_text(), parse_constant=_reject_constant)
+        # JSON is UTF-8 (RFC 8259); a byte-order mark, which some Windows tools write, is allowed and skipped.
+        data = json.loads(path.read_text(encoding="utf-8-sig"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise CaptureError(f"{path}: not text") from None
     except ValueError as exc:

@@ -132,6 +132,9 @@ def test_calibration_file_refusals(solved, tmp_path):
         load_calibration(path, expect_serial="OTHER-CAMERA")
     again = save_calibration(tmp_path / "copy.json", cal)
     assert load_calibration(again).report == cal.report
+    bom = tmp_path / "bom.json"  # re-saved by an editor that writes a UTF-8 byte-order mark: the same calibration
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    np.testing.assert_array_equal(load_calibration(bom).camera_to_scanner, cal.camera_to_scanner)
 
 
 def _bumped(x, rot_deg, trans_mm, seed):

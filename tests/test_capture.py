@@ -83,6 +83,20 @@ def test_missing_folder(tmp_path):
         read_capture(tmp_path / "nope")
 
 
+def test_json_with_a_byte_order_mark_and_extra_keys_is_read_alike(sim_cases, tmp_path):
+    """Other tools write these folders: a UTF-8 byte-order mark (Windows editors and .NET write one) and keys
+    CONVENTIONS.md does not name (a serial, a timestamp) change nothing."""
+    folder = _copy(sim_cases[0], tmp_path)
+    _edit_json(folder / "camera.json", lambda d: d.update(serial="215322071234", model="D455"))
+    _edit_json(folder / "scene.json", lambda d: d.update(captured_at="2026-12-04T10:00:00Z"))
+    for name in ("camera.json", "scene.json"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    cap, ref = read_capture(folder), read_capture(sim_cases[0])
+    assert cap.camera == ref.camera
+    np.testing.assert_array_equal(cap.scene.camera_to_scanner, ref.scene.camera_to_scanner)
+    assert cap.scene.table_height_mm == ref.scene.table_height_mm
+
+
 def test_colour_is_optional(sim_cases, tmp_path):
     folder = _copy(sim_cases[0], tmp_path)
     (folder / "color.png").unlink()
