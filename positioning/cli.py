@@ -204,10 +204,24 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
     return dataclasses.replace(plan, timing_ms=timing), per
 
 
-def _plan(args: argparse.Namespace) -> int:
-    from positioning.plan import ScannerSpec
+def _scanner(args: argparse.Namespace):
+    """The ScannerSpec a command plans against: --scanner's profile, else the defaults; --bore-mm wins over both."""
+    from positioning.plan import ScannerSpec, load_scanner_profile
 
-    spec = ScannerSpec(bore_diameter_mm=args.bore_mm)
+    given = {} if args.bore_mm is None else {"bore_diameter_mm": args.bore_mm}
+    if args.scanner:
+        return load_scanner_profile(args.scanner, **given)
+    return dataclasses.replace(ScannerSpec(), **given)
+
+
+def _scanner_arguments(p: argparse.ArgumentParser, bore_help: str) -> None:
+    p.add_argument("--scanner", metavar="FILE", help="scanner profile TOML: the table's travel and the bore "
+                                                     "(docs/planning.md; default: the scanner simulator's)")
+    p.add_argument("--bore-mm", type=float, help=bore_help)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    spec = _scanner(args)
     plan, _ = plan_capture(Path(args.case), args.protocol, spec=spec, segment_ahead=hasattr(os, "fork"))
     print(json.dumps(plan.to_json(), indent=None if args.json else 1))
     return 0
@@ -218,7 +232,7 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("case", help="capture folder (CONVENTIONS.md)")
     p.add_argument("--protocol", required=True, help="chest, abdomen, chest_abdomen_pelvis, head, whole_body, ...")
     p.add_argument("--json", action="store_true", help="one line of JSON")
-    p.add_argument("--bore-mm", type=float, default=700.0, help="bore diameter of the scanner")
+    _scanner_arguments(p, "bore diameter of the scanner, mm (700 unless the profile says)")
     p.set_defaults(func=_plan)
 
 
@@ -232,7 +246,7 @@ def _eval(args: argparse.Namespace) -> int:
     from positioning.capture import CaptureError, read_truth
     from positioning.evaluate import compare, finite_number, summarise
     from positioning.keypoints import load_keypoint_net
-    from positioning.plan import PlanRefused, ScannerSpec
+    from positioning.plan import PlanRefused
     from positioning.segment import SegmentationError
 
     root = Path(args.dir)
@@ -244,6 +258,7 @@ def _eval(args: argparse.Namespace) -> int:
                     for p in root.rglob(name)})
     if not cases:
         raise ValueError(f"{root}: no capture folders (CONVENTIONS.md) under it")
+    scanner = _scanner(args)
     model, net = load_body_model(), load_keypoint_net()
     rows, comparisons, failed = [], [], 0
     for case in cases:
@@ -255,7 +270,7 @@ def _eval(args: argparse.Namespace) -> int:
         scene = truth.get("scene") if isinstance(truth.get("scene"), dict) else {}
         bore = finite_number(scene.get("bore_diameter_mm"))
         # The simulated scanner's own bore where the truth gives it (a real site configures its scanner's).
-        spec = ScannerSpec(bore_diameter_mm=bore if bore and bore > 0 else args.bore_mm)
+        spec = dataclasses.replace(scanner, bore_diameter_mm=bore) if bore and bore > 0 else scanner
         try:
             plan, _ = plan_capture(case, args.protocol, model, net, spec)
         except (PlanRefused, SegmentationError, CaptureError) as exc:
@@ -289,8 +304,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="plan every capture under a folder and compare with its truth.json")
     p.add_argument("dir", help="folder of capture folders (CONVENTIONS.md), with truth.json where known")
     p.add_argument("--protocol", required=True)
-    p.add_argument("--bore-mm", type=float, default=700.0,
-                   help="bore diameter for captures whose truth.json does not give their scanner's")
+    _scanner_arguments(p, "bore diameter, mm, for captures whose truth.json does not give their scanner's")
     p.add_argument("--json-out", help="write per-capture results here")
     p.set_defaults(func=_eval)
 

@@ -14,7 +14,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -95,6 +95,7 @@ class ScannerSpec:
 
     height_min/max_mm: the heights at which the tabletop may enter the bore (the
     daemon's TableLimits bore band); the plan's height is always an in-bore height.
+    The defaults are the scanner simulator's; a site's come from its profile (scanner_spec).
     """
 
     height_min_mm: float = 80.0
@@ -104,6 +105,55 @@ class ScannerSpec:
     bore_diameter_mm: float = 700.0
     clearance_margin_mm: float = 20.0
     gantry_face_y_mm: float = -420.0  # y_S of the gantry housing's table-side face; beyond it is the bore
+
+
+class ScannerProfileError(ValueError):
+    """A scanner profile, or a daemon's limits, that cannot describe a scanner; the message says why in one line."""
+
+
+# What the plan must fit, under the names the daemon's TableLimits gives them in its `hello` reply
+# (docs/bridge-protocol.md): the heights at which the tabletop may enter the bore and the longitudinal travel.
+TABLE_LIMIT_KEYS = {"bore_height_min_mm": "height_min_mm", "bore_height_max_mm": "height_max_mm",
+                    "longitudinal_min_mm": "longitudinal_min_mm", "longitudinal_max_mm": "longitudinal_max_mm"}
+BORE_KEYS = ("bore_diameter_mm", "clearance_margin_mm", "gantry_face_y_mm")
+
+
+def scanner_spec(limits: Mapping[str, Any], source: str, **given: float) -> ScannerSpec:
+    """The ScannerSpec of a scanner profile or of the daemon's `hello` limits. All lengths mm, frame S.
+
+    limits: the four TABLE_LIMIT_KEYS, all required (a plan checked against a guessed table is not checked), and
+    the bore's geometry (BORE_KEYS) where known; other keys (speeds, the daemon's own travel) are not the plan's
+    and are left. given: BORE_KEYS values that win over limits' (a command line's --bore-mm); what neither gives
+    is ScannerSpec's default. source: named in the error. Raises ScannerProfileError.
+    """
+    missing = [k for k in TABLE_LIMIT_KEYS if k not in limits]
+    if missing:
+        raise ScannerProfileError(f"{source}: {', '.join(missing)} missing (the table's travel must be given)")
+    values = {TABLE_LIMIT_KEYS[k]: limits[k] for k in TABLE_LIMIT_KEYS}
+    values.update({k: limits[k] for k in BORE_KEYS if k in limits})
+    values.update(given)
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ScannerProfileError(f"{source}: {k} must be a finite number of mm, got {v!r}")
+    spec = ScannerSpec(**{k: float(v) for k, v in values.items()})
+    if not (spec.height_min_mm < spec.height_max_mm and spec.longitudinal_min_mm < spec.longitudinal_max_mm):
+        raise ScannerProfileError(f"{source}: each minimum must be below its maximum")
+    if not (spec.bore_diameter_mm > 2 * spec.clearance_margin_mm and spec.clearance_margin_mm >= 0):
+        raise ScannerProfileError(f"{source}: the bore ({spec.bore_diameter_mm:.0f} mm) must be wider than twice "
+                                  f"a non-negative clearance margin ({spec.clearance_margin_mm:.0f} mm)")
+    return spec
+
+
+def load_scanner_profile(path: str | Path, **given: float) -> ScannerSpec:
+    """A scanner profile TOML file (docs/planning.md, "The scanner the plan fits"): scanner_spec over its keys."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ScannerProfileError(f"{path}: scanner profile not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ScannerProfileError(f"{path}: not a readable scanner profile ({exc})") from None
+    return scanner_spec(doc, str(path), **given)
 
 
 @dataclass(frozen=True)

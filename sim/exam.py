@@ -261,7 +261,7 @@ def run_exam(cfg: ExamConfig) -> dict:
     from positioning.capture import CaptureError, write_capture
     from positioning.cli import plan_from_capture
     from positioning.keypoints import load_keypoint_net
-    from positioning.plan import PlanRefused, ScannerSpec, load_protocol, patient_moved
+    from positioning.plan import PlanRefused, ScannerProfileError, load_protocol, patient_moved, scanner_spec
     from positioning.segment import SegmentationError, segment_patient
     from scanner_bridge.keys import generate
     from sim.calibration import camera_to_scanner, patient_on_mount
@@ -291,7 +291,7 @@ def run_exam(cfg: ExamConfig) -> dict:
         t = stage("start daemon", t)
         con = Console(bind, tele, keys, t0).open()
         try:
-            con.request("hello", "hello")
+            limits = con.request("hello", "hello").get("limits", {})
             scene, cal, cal_report = _calibrate(con, cfg, out / "calibration-session")
             summary["calibration"] = {"views": len(scene.table_positions),
                                       "reprojection_rms_px": cal_report.get("reprojection_rms_px"),
@@ -310,10 +310,11 @@ def run_exam(cfg: ExamConfig) -> dict:
             write_capture(out / "capture", capture, truth)
             t = stage("patient capture", t)
 
-            spec = ScannerSpec(bore_diameter_mm=params.bore_diameter_mm)
             try:
+                # Planned against the table the daemon drives, as its hello reported it; the bore is the scene's.
+                spec = scanner_spec(limits, "the daemon's limits", bore_diameter_mm=params.bore_diameter_mm)
                 plan, per = plan_from_capture(capture, cfg.protocol, model, net, spec)
-            except (PlanRefused, SegmentationError, CaptureError) as exc:
+            except (ScannerProfileError, PlanRefused, SegmentationError, CaptureError) as exc:
                 raise ExamError(f"plan: refused: {exc}") from None
             plan_json = plan.to_json()
             (out / "plan.json").write_text(json.dumps(plan_json, indent=1) + "\n")

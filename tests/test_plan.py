@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from positioning.plan import PlanRefused, ScannerSpec, load_protocol, make_plan, ssde_factor
+from positioning.plan import (PlanRefused, ScannerProfileError, ScannerSpec, load_protocol, load_scanner_profile,
+                              make_plan, scanner_spec, ssde_factor)
 from positioning.poses import POSITION_ROTATIONS, canonical_pose
 from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, NUM_JOINTS
 
@@ -535,6 +536,72 @@ def test_ctpos_plan_is_the_in_process_plan(sim_cases, body_model, keypoint_net):
     here = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)[0].to_json()
     assert {k: v for k, v in cli.items() if k != "timing_ms"} == {k: v for k, v in here.items() if k != "timing_ms"}
     assert set(cli["timing_ms"]) == set(here["timing_ms"])
+
+
+SIMULATOR_PROFILE = Path(__file__).parents[1] / "positioning" / "scanners" / "simulator.toml"
+
+
+def _profile(path, **values):
+    """A scanner profile: the shipped simulator's with some values replaced (None leaves a key out)."""
+    import tomllib
+
+    doc = {**tomllib.loads(SIMULATOR_PROFILE.read_text()), **values}
+    path.write_text("".join(f"{k} = {v!r}\n" if isinstance(v, str) else f"{k} = {str(v).lower()}\n"
+                            for k, v in doc.items() if v is not None))
+    return path
+
+
+def test_the_scanner_the_planner_assumes_is_the_simulator_the_daemon_drives():
+    """Without a profile the planner fits the scanner simulator; its profile, the planner's defaults and the
+    daemon's hello (TableLimits) must say the same, or a default plan would be checked against another table."""
+    from scanner_bridge.adapter import TableLimits
+
+    assert load_scanner_profile(SIMULATOR_PROFILE) == ScannerSpec()
+    assert scanner_spec(TableLimits().to_json(), "hello", bore_diameter_mm=700.0) == ScannerSpec()
+    assert load_scanner_profile(SIMULATOR_PROFILE, bore_diameter_mm=780.0).bore_diameter_mm == 780.0
+
+
+@pytest.mark.parametrize("values, expect", [
+    ({"longitudinal_max_mm": None}, "longitudinal_max_mm missing"),
+    ({"bore_height_min_mm": float("nan")}, "finite number"),
+    ({"bore_height_max_mm": "280"}, "finite number"),
+    ({"bore_diameter_mm": True}, "finite number"),
+    ({"bore_height_min_mm": 300.0}, "minimum must be below"),
+    ({"bore_diameter_mm": 30.0}, "wider than twice"),
+])
+def test_a_bad_scanner_profile_is_refused_in_one_line(tmp_path, values, expect):
+    path = _profile(tmp_path / "scanner.toml", **values)
+    with pytest.raises(ScannerProfileError, match=expect) as ei:
+        load_scanner_profile(path)
+    assert str(path) in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_an_unreadable_scanner_profile_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ScannerProfileError, match="not found"):
+        load_scanner_profile(tmp_path / "none.toml")
+    (tmp_path / "bad.toml").write_text("bore_diameter_mm = [")
+    with pytest.raises(ScannerProfileError, match="not a readable scanner profile"):
+        load_scanner_profile(tmp_path / "bad.toml")
+    r = ctpos("plan", str(tmp_path), "--protocol", "chest", "--scanner", str(tmp_path / "bad.toml"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a readable scanner profile" in r.stderr
+
+
+def test_ctpos_plan_fits_the_scanner_its_profile_describes(sim_cases, body_model, keypoint_net, tmp_path):
+    """A site's profile, not the simulator's defaults, is what `ctpos plan` checks a plan against: a table whose
+    travel stops 50 mm short of the range's lower end in T clips the range there, and says so."""
+    from positioning.cli import plan_capture
+
+    here = plan_capture(sim_cases[0], "chest", body_model, keypoint_net)[0]
+    lowest = min(here.scan_range_table_mm.values())
+    short = _profile(tmp_path / "short.toml", longitudinal_max_mm=-lowest - 50.0)
+    r = ctpos("plan", str(sim_cases[0]), "--protocol", "chest", "--json", "--scanner", str(short))
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(r.stdout)
+    assert "RANGE_CLIPPED" in [w["code"] for w in cli["warnings"]]
+    assert "RANGE_CLIPPED" not in [w["code"] for w in here.warnings]
+    assert min(cli["scan_range_table_mm"].values()) == pytest.approx(lowest + 50.0, abs=0.06)  # JSON in 0.1 mm
+    assert max(cli["scan_range_table_mm"].values()) == here.to_json()["scan_range_table_mm"][
+        max(here.scan_range_table_mm, key=here.scan_range_table_mm.get)]
 
 
 def test_segmentation_ahead_is_the_segmentation(sim_cases):
