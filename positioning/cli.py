@@ -205,18 +205,21 @@ def plan_from_capture(cap, protocol: str, model=None, net=None, spec=None, read_
 
 
 def _scanner(args: argparse.Namespace):
-    """The ScannerSpec a command plans against: --scanner's profile, else the defaults; --bore-mm wins over both."""
+    """The ScannerSpec a command plans against: --scanner's profile, else $CTPOS_SCANNER's (a site sets it once, as
+    $CTPOS_PROTOCOLS), else the scanner simulator's; --bore-mm wins over the bore of each."""
     from positioning.plan import ScannerSpec, load_scanner_profile
 
     given = {} if args.bore_mm is None else {"bore_diameter_mm": args.bore_mm}
-    if args.scanner:
-        return load_scanner_profile(args.scanner, **given)
+    profile = args.scanner or os.environ.get("CTPOS_SCANNER")
+    if profile:
+        return load_scanner_profile(profile, **given)
     return dataclasses.replace(ScannerSpec(), **given)
 
 
 def _scanner_arguments(p: argparse.ArgumentParser, bore_help: str) -> None:
     p.add_argument("--scanner", metavar="FILE", help="scanner profile TOML: the table's travel and the bore "
-                                                     "(docs/planning.md; default: the scanner simulator's)")
+                                                     "(docs/planning.md; default: $CTPOS_SCANNER, else the "
+                                                     "scanner simulator's)")
     p.add_argument("--bore-mm", type=float, help=bore_help)
 
 

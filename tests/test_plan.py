@@ -584,6 +584,10 @@ def test_an_unreadable_scanner_profile_is_refused_in_one_line(tmp_path):
         load_scanner_profile(tmp_path / "bad.toml")
     r = ctpos("plan", str(tmp_path), "--protocol", "chest", "--scanner", str(tmp_path / "bad.toml"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a readable scanner profile" in r.stderr
+    # A site's profile set once in the environment is read the same way.
+    r = subprocess.run([sys.executable, "-m", "ctpos", "plan", str(tmp_path), "--protocol", "chest"], text=True,
+                       capture_output=True, timeout=300, env={**os.environ, "CTPOS_SCANNER": str(tmp_path / "bad.toml")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.toml: not a readable scanner profile" in r.stderr
 
 
 def test_ctpos_plan_fits_the_scanner_its_profile_describes(sim_cases, body_model, keypoint_net, tmp_path):
