@@ -14,12 +14,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
 from positioning.nearest import NearestIndex
-from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, LANDMARK_JOINTS
+from positioning.skeleton import ARM_JOINTS, JOINT_INDEX, JOINT_NAMES, LANDMARK_JOINTS
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 SLAB_HALF_MM = 15.0
@@ -55,6 +55,20 @@ BEYOND_PATIENT_MM = 150.0
 # (docs/planning.md, "Other camera mounts"). A degree beyond is a calibration's error, not another mount.
 MOUNT_MEASURED_DEG = {"along": 20.0, "across": 25.0}
 MOUNT_SLACK_DEG = 1.0
+# What a refusal for the bore calls each part of the body, by the joint that mainly moves it (the patient's own
+# left and right): what a technician, or the voice prompt to the patient, asks to move. A measured point is the
+# part of the fitted body within PART_REACH_MM of it; farther, "something beside" that part (a hand hanging over
+# the table's edge that the fit did not follow, 80-220 mm from the fitted hand in three simulated refusals; a
+# pillow; cloth).
+PART_NAMES = {"pelvis": "hips", "left_hip": "left thigh", "right_hip": "right thigh", "spine1": "belly",
+              "left_knee": "left lower leg", "right_knee": "right lower leg", "spine2": "trunk",
+              "left_ankle": "left foot", "right_ankle": "right foot", "spine3": "chest", "left_foot": "left foot",
+              "right_foot": "right foot", "neck": "neck", "left_collar": "left shoulder",
+              "right_collar": "right shoulder", "head": "head", "left_shoulder": "left upper arm",
+              "right_shoulder": "right upper arm", "left_elbow": "left forearm", "right_elbow": "right forearm",
+              "left_wrist": "left hand", "right_wrist": "right hand", "left_hand": "left hand",
+              "right_hand": "right hand"}
+PART_REACH_MM = 50.0
 # Forearms and hands resting on the body are not its front: points within this
 # top-down distance of an elbow-wrist segment, or of the hand beyond the wrist (the
 # forearm's line continued by a hand's length), are left out of the slab's front.
@@ -383,7 +397,8 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         # on the table (a bent knee, a hand over the edge, a pillow) enters the bore.
         measured = observed_points if on_table is None else on_table
         move_height, clearance = bore_safe_height(np.concatenate([vertices, measured]), iso_height,
-                                                  table_height_mm, clipped, spec)
+                                                  table_height_mm, clipped, spec,
+                                                  lambda i: part_names(i, vertices, dominant_joint, measured))
     except PlanRefused as exc:
         if abs(x_c) > 30.0:  # the commonest cure: the patient moves to the table's middle
             raise PlanRefused(exc.code, f"{exc}; the patient lies {x_c:+.0f} mm off-centre") from None
@@ -529,15 +544,18 @@ def slab_section(vertices: np.ndarray, faces: np.ndarray, trunk: np.ndarray, obs
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],
-                     spec: ScannerSpec) -> tuple[float, float]:
+                     spec: ScannerSpec, names: Callable[[np.ndarray], list[str]] | None = None) -> tuple[float, float]:
     """(table height, bore clearance mm): the ISO height if the body clears the bore there, else the nearest that does.
 
     vertices: (V, 3) mm, frame S at capture: the fitted body and the measured surface. Only the part of the body that reaches the gantry during the move and the scan
     counts (vertices (V, 3) mm, frame S at capture; range_s the scan's ends in S at
-    capture). Raises PlanRefused when no reachable height clears the bore by the margin.
+    capture). Raises PlanRefused when no reachable height clears the bore by the margin; names, given the indices
+    of the points inside the margin at the ISO height (worst first), says which parts they are, and the refusal
+    names the first two.
     """
     advance = max(-range_s["cranial"], -range_s["caudal"])  # furthest table advance, mm along +y
-    passing = vertices[vertices[:, 1] + advance >= spec.gantry_face_y_mm]
+    keep = np.flatnonzero(vertices[:, 1] + advance >= spec.gantry_face_y_mm)
+    passing = vertices[keep]
     if len(passing) == 0:
         return iso_height, spec.bore_diameter_mm / 2.0
     import cv2
@@ -555,12 +573,36 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
     ok = np.flatnonzero(clear[1:] >= spec.clearance_margin_mm)
     if len(ok) == 0:
         # A technician reads this: a negative clearance is a collision, said so, not "within -39 mm".
+        where = ""
+        if names is not None:
+            c = r_bore - np.hypot(passing[:, 0], passing[:, 2] + (table_height_mm - iso_height))
+            inside = np.flatnonzero(c < spec.clearance_margin_mm)
+            parts = list(dict.fromkeys(names(keep[inside[np.argsort(c[inside])]])))[:2]
+            where = " (at " + " and at ".join(parts) + ")" if parts else ""
         at_iso = (f"the body comes within {clear[0]:.0f} mm of the bore" if clear[0] >= 0 else
                   f"the body would hit the bore ({-clear[0]:.0f} mm beyond its wall)")
-        raise PlanRefused("BORE_COLLISION", f"{at_iso} at the ISO height and no table height keeps "
+        raise PlanRefused("BORE_COLLISION", f"{at_iso} at the ISO height{where} and no table height keeps "
                                             f"{spec.clearance_margin_mm:.0f} mm: reposition the arms or the patient")
     best = ok[np.argmin(np.abs(heights[1:][ok] - iso_height))]
     return float(heights[1 + best]), float(clear[1 + best])
+
+
+def part_names(index: np.ndarray, vertices: np.ndarray, dominant_joint: np.ndarray, measured: np.ndarray) -> list[str]:
+    """Where each point is on the body, in words ("the left hand"), for points indexed into [vertices; measured].
+
+    vertices (V, 3) and measured (M, 3): mm, frame S; dominant_joint (V,) each vertex's main skinning joint. A
+    measured point is the part of the fitted vertex nearest it (PART_NAMES) within PART_REACH_MM, else "something
+    beside" that part.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    v = len(vertices)
+    near = np.zeros(len(index))
+    nearest = np.where(index < v, index, 0)
+    m = index >= v
+    if m.any():
+        near[m], nearest[m] = NearestIndex(vertices).query(measured[index[m] - v])
+    return [("the " if d <= PART_REACH_MM else "something beside the ") + PART_NAMES[JOINT_NAMES[dominant_joint[j]]]
+            for d, j in zip(near, nearest)]
 
 
 def patient_moved(plan_points: np.ndarray, new_points: np.ndarray, shift_mm: float = 10.0, turn_deg: float = 2.0,

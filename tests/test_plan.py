@@ -335,6 +335,26 @@ def test_unsafe_plans_are_refused(body_model, spec, code):
         make_plan(load_protocol("chest"), v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec)
 
 
+def test_a_bore_refusal_names_where_the_body_would_hit(body_model):
+    """A technician, or the voice prompt to the patient, needs to know what to move: the refusal names the first
+    two parts inside the margin at the ISO height, a measured point far from the fitted body as something beside the
+    part nearest it (a hand hanging over the table's edge that the fit did not follow)."""
+    from positioning.plan import part_names
+
+    v, j, lv, dom, pts = _body(body_model, "HFS")
+    fc = body_model.faces
+    chest = load_protocol("chest")
+    wrist = j[JOINT_INDEX["right_wrist"]]
+    # Arms at the sides clear a 700 mm bore; a 420 mm one takes them first.
+    with pytest.raises(PlanRefused, match=r"at the ISO height \(at the (left|right) (hand|forearm|upper arm)"):
+        make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0,
+                  ScannerSpec(bore_diameter_mm=420.0))
+    hanging = wrist + np.array([np.sign(wrist[0]) * 150.0, 0.0, -100.0]) + np.random.default_rng(0).normal(0, 5, (50, 3))
+    with pytest.raises(PlanRefused, match=r"\(at something beside the right (hand|forearm)"):
+        make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, np.concatenate([pts, hanging]), -190.0, 250.0, -1000.0)
+    assert part_names(np.array([len(v)]), v, dom, v[[123]]) == part_names(np.array([123]), v, dom, v)
+
+
 def test_region_out_of_view_is_refused(body_model):
     v, j, lv, dom, pts = _body(body_model, "HFS")
     fc = body_model.faces
