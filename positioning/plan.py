@@ -544,14 +544,15 @@ def slab_section(vertices: np.ndarray, faces: np.ndarray, trunk: np.ndarray, obs
 
 
 def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],
-                     spec: ScannerSpec, names: Callable[[np.ndarray], list[str]] | None = None) -> tuple[float, float]:
+                     spec: ScannerSpec, names: Callable[[np.ndarray], list[tuple[str, bool]]] | None = None
+                     ) -> tuple[float, float]:
     """(table height, bore clearance mm): the ISO height if the body clears the bore there, else the nearest that does.
 
     vertices: (V, 3) mm, frame S at capture: the fitted body and the measured surface. Only the part of the body that reaches the gantry during the move and the scan
     counts (vertices (V, 3) mm, frame S at capture; range_s the scan's ends in S at
     capture). Raises PlanRefused when no reachable height clears the bore by the margin; names, given the indices
-    of the points inside the margin at the ISO height (worst first), says which parts they are, and the refusal
-    names the first two.
+    of the points inside the margin at the ISO height (worst first), says which part each is and whether it is only
+    beside it (part_names), and the refusal names the first two parts.
     """
     advance = max(-range_s["cranial"], -range_s["caudal"])  # furthest table advance, mm along +y
     keep = np.flatnonzero(vertices[:, 1] + advance >= spec.gantry_face_y_mm)
@@ -577,8 +578,12 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
         if names is not None:
             c = r_bore - np.hypot(passing[:, 0], passing[:, 2] + (table_height_mm - iso_height))
             inside = np.flatnonzero(c < spec.clearance_margin_mm)
-            parts = list(dict.fromkeys(names(keep[inside[np.argsort(c[inside])]])))[:2]
-            where = " (at " + " and at ".join(parts) + ")" if parts else ""
+            # One mention per part, worst first: the part itself where any of its points is, else what is beside it.
+            only_beside: dict[str, bool] = {}
+            for part, beside in names(keep[inside[np.argsort(c[inside])]]):
+                only_beside[part] = only_beside.get(part, True) and beside
+            said = [("something beside the " if b else "the ") + k for k, b in list(only_beside.items())[:2]]
+            where = " (at " + " and at ".join(said) + ")" if said else ""
         at_iso = (f"the body comes within {clear[0]:.0f} mm of the bore" if clear[0] >= 0 else
                   f"the body would hit the bore ({-clear[0]:.0f} mm beyond its wall)")
         raise PlanRefused("BORE_COLLISION", f"{at_iso} at the ISO height{where} and no table height keeps "
@@ -587,12 +592,13 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
     return float(heights[1 + best]), float(clear[1 + best])
 
 
-def part_names(index: np.ndarray, vertices: np.ndarray, dominant_joint: np.ndarray, measured: np.ndarray) -> list[str]:
-    """Where each point is on the body, in words ("the left hand"), for points indexed into [vertices; measured].
+def part_names(index: np.ndarray, vertices: np.ndarray, dominant_joint: np.ndarray,
+               measured: np.ndarray) -> list[tuple[str, bool]]:
+    """Where each point is on the body, for points indexed into [vertices; measured]: (part, beside) each.
 
-    vertices (V, 3) and measured (M, 3): mm, frame S; dominant_joint (V,) each vertex's main skinning joint. A
-    measured point is the part of the fitted vertex nearest it (PART_NAMES) within PART_REACH_MM, else "something
-    beside" that part.
+    vertices (V, 3) and measured (M, 3): mm, frame S; dominant_joint (V,) each vertex's main skinning joint. The
+    part (PART_NAMES, "left hand") is the nearest fitted vertex's; beside is True for a measured point farther than
+    PART_REACH_MM from the fitted body.
     """
     index = np.asarray(index, dtype=np.int64)
     v = len(vertices)
@@ -601,8 +607,7 @@ def part_names(index: np.ndarray, vertices: np.ndarray, dominant_joint: np.ndarr
     m = index >= v
     if m.any():
         near[m], nearest[m] = NearestIndex(vertices).query(measured[index[m] - v])
-    return [("the " if d <= PART_REACH_MM else "something beside the ") + PART_NAMES[JOINT_NAMES[dominant_joint[j]]]
-            for d, j in zip(near, nearest)]
+    return [(PART_NAMES[JOINT_NAMES[dominant_joint[j]]], bool(d > PART_REACH_MM)) for d, j in zip(near, nearest)]
 
 
 def patient_moved(plan_points: np.ndarray, new_points: np.ndarray, shift_mm: float = 10.0, turn_deg: float = 2.0,
