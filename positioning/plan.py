@@ -57,9 +57,9 @@ MOUNT_MEASURED_DEG = {"along": 20.0, "across": 25.0}
 MOUNT_SLACK_DEG = 1.0
 # What a refusal for the bore calls each part of the body, by the joint that mainly moves it (the patient's own
 # left and right): what a technician, or the voice prompt to the patient, asks to move. A measured point is the
-# part of the fitted body within PART_REACH_MM of it; farther, "something beside" that part (a hand hanging over
-# the table's edge that the fit did not follow, 80-220 mm from the fitted hand in three simulated refusals; a
-# pillow; cloth).
+# part of the fitted body within PART_REACH_MM of it; farther, "something beside" that part (a hand beyond the
+# table's edge that the fit did not follow: 66-220 mm from the fitted body in three simulated refusals; a pillow;
+# cloth).
 PART_NAMES = {"pelvis": "hips", "left_hip": "left thigh", "right_hip": "right thigh", "spine1": "belly",
               "left_knee": "left lower leg", "right_knee": "right lower leg", "spine2": "trunk",
               "left_ankle": "left foot", "right_ankle": "right foot", "spine3": "chest", "left_foot": "left foot",
