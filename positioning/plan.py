@@ -13,6 +13,7 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -396,17 +397,19 @@ def make_plan(protocol: Protocol, vertices: np.ndarray, joints: np.ndarray, land
         # The measured surface counts as much as the fitted body: whatever the camera saw
         # on the table (a bent knee, a hand over the edge, a pillow) enters the bore.
         measured = observed_points if on_table is None else on_table
-        move_height, clearance = bore_safe_height(np.concatenate([vertices, measured]), iso_height,
-                                                  table_height_mm, clipped, spec,
-                                                  lambda i: part_names(i, vertices, dominant_joint, measured))
+        in_bore = np.concatenate([vertices, measured])
+        names = partial(part_names, vertices=vertices, dominant_joint=dominant_joint, measured=measured)
+        move_height, clearance = bore_safe_height(in_bore, iso_height, table_height_mm, clipped, spec, names)
     except PlanRefused as exc:
         if abs(x_c) > 30.0:  # the commonest cure: the patient moves to the table's middle
             raise PlanRefused(exc.code, f"{exc}; the patient lies {x_c:+.0f} mm off-centre") from None
         raise
     if abs(move_height - iso_height) > 0.5:
+        # Which part is in the way: moving it may let the table stay at the ISO height.
+        where = bore_parts(in_bore, iso_height, table_height_mm, clipped, spec, names)
         warnings.append({"code": "ISO_COMPROMISED", "message": f"table set {move_height - iso_height:+.0f} mm from the "
                                                                 f"ISO-centre height to keep {spec.clearance_margin_mm:.0f} "
-                                                                f"mm from the bore"})
+                                                                f"mm from the bore{where}"})
     if abs(x_c) > 30.0:
         warnings.append({"code": "LATERAL_OFFSET", "message": f"the patient lies {x_c:+.0f} mm off the isocenter "
                                                                f"laterally; the table cannot correct it"})
@@ -550,13 +553,10 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
 
     vertices: (V, 3) mm, frame S at capture: the fitted body and the measured surface. Only the part of the body that reaches the gantry during the move and the scan
     counts (vertices (V, 3) mm, frame S at capture; range_s the scan's ends in S at
-    capture). Raises PlanRefused when no reachable height clears the bore by the margin; names, given the indices
-    of the points inside the margin at the ISO height (worst first), says which part each is and whether it is only
-    beside it (part_names), and the refusal names the first two parts.
+    capture). Raises PlanRefused when no reachable height clears the bore by the margin, naming where the body
+    is inside it (bore_parts, given names).
     """
-    advance = max(-range_s["cranial"], -range_s["caudal"])  # furthest table advance, mm along +y
-    keep = np.flatnonzero(vertices[:, 1] + advance >= spec.gantry_face_y_mm)
-    passing = vertices[keep]
+    passing = vertices[_reaching_gantry(vertices, range_s, spec)]
     if len(passing) == 0:
         return iso_height, spec.bore_diameter_mm / 2.0
     import cv2
@@ -574,22 +574,37 @@ def bore_safe_height(vertices: np.ndarray, iso_height: float, table_height_mm: f
     ok = np.flatnonzero(clear[1:] >= spec.clearance_margin_mm)
     if len(ok) == 0:
         # A technician reads this: a negative clearance is a collision, said so, not "within -39 mm".
-        where = ""
-        if names is not None:
-            c = r_bore - np.hypot(passing[:, 0], passing[:, 2] + (table_height_mm - iso_height))
-            inside = np.flatnonzero(c < spec.clearance_margin_mm)
-            # One mention per part, worst first: the part itself where any of its points is, else what is beside it.
-            only_beside: dict[str, bool] = {}
-            for part, beside in names(keep[inside[np.argsort(c[inside])]]):
-                only_beside[part] = only_beside.get(part, True) and beside
-            said = [("something beside the " if b else "the ") + k for k, b in list(only_beside.items())[:2]]
-            where = " (at " + " and at ".join(said) + ")" if said else ""
+        where = "" if names is None else bore_parts(vertices, iso_height, table_height_mm, range_s, spec, names)
         at_iso = (f"the body comes within {clear[0]:.0f} mm of the bore" if clear[0] >= 0 else
                   f"the body would hit the bore ({-clear[0]:.0f} mm beyond its wall)")
         raise PlanRefused("BORE_COLLISION", f"{at_iso} at the ISO height{where} and no table height keeps "
                                             f"{spec.clearance_margin_mm:.0f} mm: reposition the arms or the patient")
     best = ok[np.argmin(np.abs(heights[1:][ok] - iso_height))]
     return float(heights[1 + best]), float(clear[1 + best])
+
+
+def _reaching_gantry(points: np.ndarray, range_s: dict[str, float], spec: ScannerSpec) -> np.ndarray:
+    """Indices of the points (N, 3) mm, frame S at capture, that pass the gantry's face during the move and the scan."""
+    advance = max(-range_s["cranial"], -range_s["caudal"])  # furthest table advance, mm along +y
+    return np.flatnonzero(points[:, 1] + advance >= spec.gantry_face_y_mm)
+
+
+def bore_parts(points: np.ndarray, iso_height: float, table_height_mm: float, range_s: dict[str, float],
+               spec: ScannerSpec, names: Callable[[np.ndarray], list[tuple[str, bool]]]) -> str:
+    """Where the body is inside the bore's margin at the ISO height, in words: " (at the left hand and at something
+    beside the left thigh)", the first two parts worst first; "" when it is nowhere.
+
+    points (N, 3) mm, frame S at capture, as bore_safe_height's; names: (part, only beside it) of each point by
+    index (part_names). A part is said as itself where any of its points is on the fit, else as what is beside it.
+    """
+    keep = _reaching_gantry(points, range_s, spec)
+    c = spec.bore_diameter_mm / 2.0 - np.hypot(points[keep, 0], points[keep, 2] + (table_height_mm - iso_height))
+    inside = np.flatnonzero(c < spec.clearance_margin_mm)
+    only_beside: dict[str, bool] = {}
+    for part, beside in names(keep[inside[np.argsort(c[inside])]]):
+        only_beside[part] = only_beside.get(part, True) and beside
+    said = [("something beside the " if b else "the ") + k for k, b in list(only_beside.items())[:2]]
+    return " (at " + " and at ".join(said) + ")" if said else ""
 
 
 def part_names(index: np.ndarray, vertices: np.ndarray, dominant_joint: np.ndarray,

@@ -239,9 +239,10 @@ def test_bore_check_counts_what_the_camera_could_not_see_below_a_flank(body_mode
     try:
         safer = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0, spec,
                           on_table=np.concatenate([seen, hidden]))
-        assert any(w["code"] == "ISO_COMPROMISED" for w in safer.warnings)
+        compromise = next(w["message"] for w in safer.warnings if w["code"] == "ISO_COMPROMISED")
+        assert "from the bore (at " in compromise and "something beside the " in compromise  # the flank: not the fit
     except PlanRefused as exc:
-        assert exc.code == "BORE_COLLISION"
+        assert exc.code == "BORE_COLLISION" and "at the ISO height (at " in str(exc) and "something beside" in str(exc)
 
 
 def _fitted_back(v, faces, dom, yc):
@@ -353,6 +354,15 @@ def test_a_bore_refusal_names_where_the_body_would_hit(body_model):
     with pytest.raises(PlanRefused, match=r"\(at something beside the right (hand|forearm)"):
         make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, np.concatenate([pts, hanging]), -190.0, 250.0, -1000.0)
     assert part_names(np.array([len(v)]), v, dom, v[[123]]) == part_names(np.array([123]), v, dom, v)
+    # Where another height clears, the compromise says what is in the way: moving it keeps the ISO height.
+    base = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, pts, -190.0, 250.0, -1000.0)
+    yc = np.mean(list(base.scan_range_scanner_mm.values()))
+    # 335 mm over the isocenter at the ISO height: inside the 700 mm bore's 20 mm margin, over the chest.
+    above = np.array([0.0, yc, 335.0 - (250.0 - base.table_height_mm)]) + np.random.default_rng(1).normal(0, 3, (30, 3))
+    plan = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, np.concatenate([pts, above]), -190.0, 250.0, -1000.0)
+    assert [w["message"] for w in plan.warnings if w["code"] == "ISO_COMPROMISED"] == [
+        f"table set {plan.move_table_height_mm - plan.table_height_mm:+.0f} mm from the ISO-centre height to keep 20 mm "
+        f"from the bore (at something beside the chest)"]
 
 
 def test_region_out_of_view_is_refused(body_model):
