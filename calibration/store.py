@@ -81,7 +81,8 @@ def load_calibration(path: str | Path, expect_serial: str | None = None) -> Cali
     if not path.is_file():
         raise CalibrationFileError(f"{path}: calibration file not found; run 'ctpos calibrate' first")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8-sig"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"),
+                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     except (ValueError, UnicodeDecodeError):
         raise CalibrationFileError(f"{path}: not a readable calibration file (corrupt JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
