@@ -363,7 +363,8 @@ def test_a_bore_refusal_names_where_the_body_would_hit(body_model):
     plan = make_plan(chest, v, j, lv, dom, fc, "HFS", 0.9, 5.0, np.concatenate([pts, above]), -190.0, 250.0, -1000.0)
     moved = plan.move_table_height_mm - plan.table_height_mm
     assert [w["message"] for w in plan.warnings if w["code"] == "ISO_COMPROMISED"] == [
-        f"table set {moved:+.0f} mm from the ISO-centre height to keep 20 mm from the bore (at something beside the chest)"]
+        f"table set {moved:+.0f} mm from the ISO-centre height to keep 20 mm from the bore "
+        f"(at something beside the chest)"]
 
 
 def test_region_out_of_view_is_refused(body_model):
@@ -616,8 +617,9 @@ def test_an_unreadable_scanner_profile_is_refused_in_one_line(tmp_path):
     r = ctpos("plan", str(tmp_path), "--protocol", "chest", "--scanner", str(tmp_path / "bad.toml"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a readable scanner profile" in r.stderr
     # A site's profile set once in the environment is read the same way.
+    site = {**os.environ, "CTPOS_SCANNER": str(tmp_path / "bad.toml")}
     r = subprocess.run([sys.executable, "-m", "ctpos", "plan", str(tmp_path), "--protocol", "chest"], text=True,
-                       capture_output=True, timeout=300, env={**os.environ, "CTPOS_SCANNER": str(tmp_path / "bad.toml")})
+                       capture_output=True, timeout=300, env=site)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.toml: not a readable scanner profile" in r.stderr
 
 
