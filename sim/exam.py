@@ -291,7 +291,10 @@ def run_exam(cfg: ExamConfig) -> dict:
         t = stage("start daemon", t)
         con = Console(bind, tele, keys, t0).open()
         try:
-            limits = con.request("hello", "hello").get("limits", {})
+            try:  # the table the daemon drives, as its hello reports it: checked before anything moves
+                limits = scanner_spec(con.request("hello", "hello").get("limits", {}), "the daemon's limits")
+            except ScannerProfileError as exc:
+                raise ExamError(f"hello: {exc}") from None
             scene, cal, cal_report = _calibrate(con, cfg, out / "calibration-session")
             summary["calibration"] = {"views": len(scene.table_positions),
                                       "reprojection_rms_px": cal_report.get("reprojection_rms_px"),
@@ -310,11 +313,10 @@ def run_exam(cfg: ExamConfig) -> dict:
             write_capture(out / "capture", capture, truth)
             t = stage("patient capture", t)
 
+            spec = dataclasses.replace(limits, bore_diameter_mm=params.bore_diameter_mm)  # the scene's bore
             try:
-                # Planned against the table the daemon drives, as its hello reported it; the bore is the scene's.
-                spec = scanner_spec(limits, "the daemon's limits", bore_diameter_mm=params.bore_diameter_mm)
                 plan, per = plan_from_capture(capture, cfg.protocol, model, net, spec)
-            except (ScannerProfileError, PlanRefused, SegmentationError, CaptureError) as exc:
+            except (PlanRefused, SegmentationError, CaptureError) as exc:
                 raise ExamError(f"plan: refused: {exc}") from None
             plan_json = plan.to_json()
             (out / "plan.json").write_text(json.dumps(plan_json, indent=1) + "\n")
