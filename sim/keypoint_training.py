@@ -286,6 +286,8 @@ def train(train_npz: Path, test_npz: Path, out: Path, epochs: int, seed: int = 0
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=3000)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="start after the first SKIP training seeds: patients no earlier network saw")
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--data", type=Path, default=Path("bench/out/keypoint-data"))
@@ -302,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.data.mkdir(parents=True, exist_ok=True)
     at = "" if args.positions == 1 else f"-x{args.positions}"
-    tr, te = args.data / f"train-{args.train}{at}-views.npz", args.data / f"test-{args.test}-views.npz"
+    after = "" if not args.skip else f"-after{args.skip}"
+    tr = args.data / f"train-{args.train}{at}{after}-views.npz"
+    te = args.data / f"test-{args.test}-views.npz"
     if not tr.exists() and not args.evaluate:
-        generate([TRAIN_SEED0 + i for i in range(args.train)], tr, args.workers, args.positions)
+        generate([TRAIN_SEED0 + args.skip + i for i in range(args.train)], tr, args.workers, args.positions)
     if not te.exists():
         generate([TEST_SEED0 + i for i in range(args.test)], te, args.workers)
     if args.evaluate:
