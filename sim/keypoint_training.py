@@ -3,6 +3,8 @@
     python -m sim.keypoint_training --train 3000 --test 300 --epochs 12
     python -m sim.keypoint_training --epochs 6 --init OLD.pt --max-lr 1e-3   # fine-tune (v5 from v4, docs/perception.md)
     python -m sim.keypoint_training --train 1500 --positions 3 --epochs 6 --init v5.pt --max-lr 1e-3   # v6 from v5
+    python -m sim.keypoint_training --train 2000 --skip 3000 --positions 3 --epochs 6 --init v6.pt --max-lr 1e-3
+        # v7 from v6 on unseen patients (tried, not shipped: docs/perception.md)
 
 1. Simulates captures across all poses, body types, blankets and camera mounts the
    simulator offers (training seeds and held-out seeds never overlap), segments each
