@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate", action="store_true",
                     help="no training: evaluate the weights in --out on the test captures, as detect_keypoints runs")
     args = ap.parse_args(argv)
+    if not 0 <= args.skip <= TEST_SEED0 - TRAIN_SEED0 - args.train:
+        ap.error(f"--skip {args.skip}: the training seeds must stay below the held-out ones ({TEST_SEED0:,})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.data.mkdir(parents=True, exist_ok=True)
     at = "" if args.positions == 1 else f"-x{args.positions}"

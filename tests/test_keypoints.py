@@ -291,3 +291,14 @@ def test_a_patient_captured_at_several_table_positions_has_one_truth_on_the_tabl
         xy_t, _, pos = read_position(keypoint_net, d, 0, k)
         assert pos == d["position"][0]
         assert np.median(np.linalg.norm(xy_t - truth_on_table(d, 0), axis=1)) < 30.0
+
+
+@pytest.mark.parametrize("skip", ["-1", "9999000"])
+def test_training_seeds_cannot_reach_the_held_out_ones(skip, tmp_path, capsys):
+    """--skip moves the training patients; it is refused before anything is drawn where they would overlap the
+    held-out seeds (or start before the first training seed)."""
+    from sim.keypoint_training import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--train", "2000", "--skip", skip, "--data", str(tmp_path)])
+    assert e.value.code == 2 and "held-out" in capsys.readouterr().err and not any(tmp_path.iterdir())
