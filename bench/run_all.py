@@ -23,7 +23,7 @@ def scene_plan(scene: str, n: int, region: str = "chest") -> tuple[str, list[str
 # Beyond each script's defaults: the abdomen, bodies straight from anny, a worse camera, other depth sizes,
 # mixed edge pixels and outliers, a thin and a thick mattress, the table moved into the gantry, a camera too
 # close to see the whole patient, a narrower camera, a patient askew (docs/planning.md, docs/perception.md); the
-# level check's false alarms and misses on those scenes.
+# level check's false alarms and misses on those scenes; the held-out plans with a noiseless camera.
 EXTRA = [
     ("planning.py", ["--protocol", "abdomen", "--runs", "0", "--out", "bench/out/planning-abdomen.json"]),
     ("planning.py", ["--n", "150", "--k", "0", "--runs", "0", "--scene-config", ANNY,
@@ -51,6 +51,12 @@ EXTRA = [
     scene_plan("side-lying", 24), scene_plan("half-side", 24),
     scene_plan("children", 40), scene_plan("children", 40, "abdomen"),
     scene_plan("steep-camera", 60), scene_plan("steep-camera-away", 60), scene_plan("camera-beside", 60),
+] + [scene_plan("noiseless-camera", 400, region) for region in ("chest", "abdomen")] + [
+    ("planning.py", ["--n", "0", "--k", "120", "--runs", "0", "--protocol", region, "--scene-config",
+                     str(HERE / "scenes" / "noiseless-camera.toml"),
+                     "--out", f"bench/out/planning-noiseless-camera-positions-{region}.json"])
+    for region in ("chest", "abdomen")
+] + [
     ("level_check.py", ["--no-plan", "--errors", "0:0,1:0,3:0,0:3", "--scene-config", NOISY,
                         "--out", "bench/out/level-check-noisy.json"]),
 ] + [("level_check.py", ["--no-plan", "--errors", "0:0,3:0", "--scene-config", str(HERE / "scenes" / f"{c}.toml"),

@@ -102,12 +102,15 @@ def make_pose(name: str, prone: bool, rng: np.random.Generator) -> np.ndarray:
 
 
 def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_template: np.ndarray | None,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+              rng: np.random.Generator, anatomy_spread: bool = True
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Pose a body in its own frame (metres), pelvis at the origin.
 
     v_template: (V, 3) a body's own rest mesh (anny bodies) or None for the model's
     shape space. Returns vertices (V, 3), joints (24, 3), face points (5, 3), and the
-    internal levels as posed points.
+    internal levels as posed points. anatomy_spread=False places the lungs by the
+    anatomy rule alone (what a planner that knew the skeleton would place); the
+    per-patient spread is drawn all the same, so nothing else in the scene changes.
     """
     from smplx.lbs import batch_rigid_transform, batch_rodrigues, lbs
 
@@ -132,7 +135,10 @@ def pose_body(model: BodyModel, betas: np.ndarray, body_pose: np.ndarray, v_temp
     verts = v[0].numpy().astype(np.float64)
     joints = joints_all[0, :NUM_JOINTS].numpy().astype(np.float64)
     face = joints_all[0, NUM_JOINTS:NUM_JOINTS + 5].numpy().astype(np.float64)
-    levels = posed_levels(rest_j, rel[0].numpy(), rng.normal(0, APEX_SD_M), rng.normal(0, BASE_SD_M))
+    apex_offset, base_offset = rng.normal(0, APEX_SD_M), rng.normal(0, BASE_SD_M)
+    if not anatomy_spread:
+        apex_offset = base_offset = 0.0
+    levels = posed_levels(rest_j, rel[0].numpy(), apex_offset, base_offset)
     return verts, joints, face, levels
 
 

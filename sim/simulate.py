@@ -171,11 +171,13 @@ def _bend_neck(body_pose: np.ndarray, rad: float) -> None:
         body_pose[3 * (JOINT_INDEX[joint] - 1)] += share * rad
 
 
-def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | None = None):
+def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | None = None,
+                  anatomy_spread: bool = True):
     """The scene's patient in S (mm): (own rest mesh or None, vertices, joints, face points, internal levels).
 
     Deterministic for the scene (the pose draws from p.pose_seed); evaluation uses it
-    for the true surface, which the capture folder does not store.
+    for the true surface, which the capture folder does not store. anatomy_spread=False:
+    the lungs where the anatomy rule puts them on this skeleton (``pose_body``).
     """
     rng = rng if rng is not None else np.random.default_rng(p.pose_seed)
     body_pose = make_pose(p.pose, p.patient_position.endswith("P"), rng)
@@ -186,7 +188,8 @@ def posed_patient(p: SceneParams, model: BodyModel, rng: np.random.Generator | N
     template = anny_body_template(p.anny_phenotype) if p.body_source == "anny" else None
 
     def place(pose: np.ndarray, draws: np.random.Generator, head=None) -> tuple:
-        verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), pose, template, draws)
+        verts_b, joints_b, face_b, levels_b = pose_body(model, np.array(p.betas), pose, template, draws,
+                                                        anatomy_spread)
         return place_body(verts_b, joints_b, face_b, levels_b, p.patient_position, p.yaw_deg, p.lateral_offset_mm,
                           p.head_gap_mm, p.mattress_mm, p.table_height_mm, p.table_longitudinal_mm, _trunk(model),
                           p.sink_mm, _limbs(model), p.mattress_curve_mm, p.roll_deg, head)

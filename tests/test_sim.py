@@ -359,3 +359,22 @@ def test_the_truths_slab_is_the_bodys_surface_between_vertex_rows(coarse_trunk):
     assert between["ap_mm"] == pytest.approx(100.0 + 30.0 * 33.0 / 36.0 + 100.0, abs=0.01)
     crest = slab_centre(v, faces, trunk, 30.0)
     assert crest["z"] == pytest.approx(15.0, abs=0.01) and crest["lat_mm"] == pytest.approx(300.0, abs=0.01)
+
+
+def test_without_the_anatomy_spread_only_the_lungs_move(body_model):
+    """bench/anatomy_bound.py compares the truth with the anatomy rule on the same skeleton: switching the
+    per-patient spread off must change the lung levels and nothing else of the scene (its draws are still
+    made, so the rest of the scene is the same)."""
+    from positioning.anatomy import BASE_SD_M
+
+    cfg = load_config(None)
+    moved = []
+    for seed in range(3):
+        p = sample_scene(seed, cfg, body_model.data.train["betas"])
+        _, v, j, face, drawn = posed_patient(p, body_model)
+        _, v0, j0, face0, rule = posed_patient(p, body_model, anatomy_spread=False)
+        assert (v == v0).all() and (j == j0).all() and (face == face0).all()
+        for name in ("iliac_crest", "symphysis"):
+            assert (drawn[name] == rule[name]).all(), name
+        moved.append(abs(drawn["lung_base"][1] - rule["lung_base"][1]))
+    assert 0.01 < max(moved) < 4 * BASE_SD_M * 1000, moved
