@@ -21,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from planning import SEED0  # bench/planning.py's held-out seeds: the plans this is set beside
+from planning import SEED0, margin_trade  # the held-out seeds and the margin search of the plans
 
-TOLERANCE_MM = 5.0
-MARGINS_MM = np.arange(0, 41)
 log = logging.getLogger("bench.anatomy_bound")
 
 
@@ -47,23 +45,6 @@ def free_overscan(n: int, seed0: int) -> np.ndarray:
     return out
 
 
-def trade(free: np.ndarray) -> dict:
-    """Coverage and median overscan over every pair of margins; the two pairs issue #5's targets ask about."""
-    rows = []
-    for mc in MARGINS_MM:
-        for ma in MARGINS_MM:
-            over = free + np.array([mc, ma])
-            rows.append({"margins_mm": [int(mc), int(ma)],
-                         "covered": float(np.mean((over >= -TOLERANCE_MM).all(1))),
-                         "overscan_median_mm": [round(float(x), 1) for x in np.median(over, 0)]})
-    at_99 = [r for r in rows if r["covered"] >= 0.99]
-    under_15 = [r for r in rows if max(r["overscan_median_mm"]) <= 15.0]
-    return {
-        "covers_99_least_overscan": min(at_99, key=lambda r: (max(r["overscan_median_mm"]), r["margins_mm"])),
-        "overscan_15_best_coverage": max(under_15, key=lambda r: (r["covered"], -sum(r["margins_mm"]))),
-    }
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -76,7 +57,7 @@ def main() -> None:
               "n": a.n, "seed0": a.seed0,
               "free_overscan_sd_mm": [round(float(x), 1) for x in free.std(0)],
               "free_overscan_median_mm": [round(float(x), 1) for x in np.median(free, 0)],
-              **trade(free)}
+              **margin_trade(free)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     json.dump(result, sys.stdout, indent=1)
